@@ -1,0 +1,311 @@
+"""Raw collectives for phantom parallelism, and the per-process byte counter.
+
+Every collective the plugin issues goes through this module. Each call
+
+* takes its ``group`` explicitly and returns at once when the group has one rank;
+* is recorded in :data:`COUNTER` (op, algorithm, group size, payload and bytes *sent by this
+  rank*), which tests and ``phantom-bench`` read;
+* can be routed through another backend (``deepspeed.comm`` under DeepSpeed) with
+  :func:`use_backend`, so other tools' communication loggers see it too.
+
+Bytes sent per rank assume the bandwidth-optimal ring (or halving-doubling) algorithms that
+NCCL and gloo use: an all-gather or reduce-scatter of a ``p``-chunk tensor sends ``(p-1)``
+chunks per rank, an all-reduce ``2(p-1)`` chunks, an all-to-all ``(p-1)`` chunks. Where a
+backend lacks a native reduce-scatter the fallback is an all-reduce plus a local slice, and the
+record says ``algorithm="allreduce+slice"`` with the all-reduce's ``2(p-1)`` chunks.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import inspect
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CommRecord", "CommCounter", "COUNTER", "Handle", "group_size", "group_rank",
+    "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "use_backend",
+    "set_timeout", "intercept_torch_collectives", "collective_device",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class CommRecord:
+    """One collective as issued by this rank.
+
+    ``payload_bytes`` is the size of the gathered / reduced tensor (the whole ``p``-chunk
+    buffer); ``sent_bytes`` is what this rank puts on the wire under ``algorithm``.
+    """
+    op: str
+    algorithm: str
+    group_size: int
+    numel: int
+    dtype: torch.dtype
+    payload_bytes: int
+    sent_bytes: int
+    tag: str = ""
+
+
+class CommCounter:
+    """Accumulates :class:`CommRecord` s. Not thread-safe; one per process is enough."""
+
+    def __init__(self) -> None:
+        self.records: list[CommRecord] = []
+        self.enabled = True
+
+    def add(self, record: CommRecord) -> None:
+        if self.enabled:
+            self.records.append(record)
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(r.sent_bytes for r in self.records)
+
+    def by_op(self) -> dict[str, int]:
+        """Bytes sent per op name."""
+        out: dict[str, int] = {}
+        for r in self.records:
+            out[r.op] = out.get(r.op, 0) + r.sent_bytes
+        return out
+
+    @contextlib.contextmanager
+    def window(self) -> Iterator[list[CommRecord]]:
+        """Collect the records issued inside the ``with`` block into the yielded list."""
+        start = len(self.records)
+        out: list[CommRecord] = []
+        try:
+            yield out
+        finally:
+            out.extend(self.records[start:])
+
+
+COUNTER = CommCounter()
+"""The process-wide counter every collective of this module reports to."""
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    """World size of ``group``; 1 when torch.distributed is not initialized and ``group`` is None."""
+    if group is None and not dist.is_initialized():
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    if group is None and not dist.is_initialized():
+        return 0
+    return dist.get_rank(group)
+
+
+# --- backend routing ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Backend:
+    name: str
+    all_gather_into_tensor: Callable
+    reduce_scatter_tensor: Callable
+    all_reduce: Callable
+    all_to_all_single: Callable
+
+
+def _torch_backend() -> _Backend:
+    # torch >= 2.12 renames the tensor collectives *_single and warns on the old names.
+    ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return _Backend("torch", ag, rs, dist.all_reduce, dist.all_to_all_single)
+
+
+_BACKEND = _torch_backend()
+_TIMEOUT: Optional[datetime.timedelta] = None
+_NO_NATIVE_RS: set[str] = set()  # backend names found to lack reduce-scatter
+
+
+@contextlib.contextmanager
+def use_backend(module) -> Iterator[None]:
+    """Route collectives through ``module`` (e.g. ``deepspeed.comm``) inside the block.
+
+    ``module`` must provide ``all_gather_into_tensor``, ``reduce_scatter_tensor``,
+    ``all_reduce`` and ``all_to_all_single`` with torch.distributed's signatures.
+    """
+    global _BACKEND
+    previous = _BACKEND
+    _BACKEND = _Backend(getattr(module, "__name__", str(module)), module.all_gather_into_tensor,
+                        module.reduce_scatter_tensor, module.all_reduce, module.all_to_all_single)
+    try:
+        yield
+    finally:
+        _BACKEND = previous
+
+
+def set_timeout(seconds: Optional[float]) -> None:
+    """Bound every wait on a collective (``None``: the process group's own timeout)."""
+    global _TIMEOUT
+    _TIMEOUT = None if seconds is None else datetime.timedelta(seconds=seconds)
+
+
+class Handle:
+    """An in-flight collective; :meth:`wait` returns its result tensor."""
+
+    def __init__(self, work, result: torch.Tensor, finish: Optional[Callable] = None):
+        self._work, self._result, self._finish = work, result, finish
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            if _TIMEOUT is not None and hasattr(self._work, "wait"):
+                ok = self._work.wait(timeout=_TIMEOUT)
+                if ok is False:
+                    raise RuntimeError(f"collective timed out after {_TIMEOUT}")
+            else:
+                self._work.wait()
+            self._work = None
+            if self._finish is not None:
+                self._result = self._finish(self._result)
+        return self._result
+
+
+def _record(op: str, algorithm: str, p: int, t: torch.Tensor, chunks_sent: int, tag: str) -> None:
+    payload = t.numel() * t.element_size()
+    COUNTER.add(CommRecord(op, algorithm, p, t.numel(), t.dtype, payload,
+                           payload // p * chunks_sent, tag))
+
+
+def all_gather(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
+               tag: str = ""):
+    """Gather ``x`` ``[m, ...]`` from every rank into ``[p, m, ...]`` (rank order).
+
+    Returns the tensor, or a :class:`Handle` when ``async_op``.
+    """
+    p = group_size(group)
+    if p == 1:
+        out = x.unsqueeze(0)
+        return Handle(None, out) if async_op else out
+    x = x.contiguous()
+    if x.dim() == 0:
+        x = x.reshape(1)
+    # backends gather along dim 0 into [p*m, ...]; the [p, m, ...] view of it is free
+    flat = torch.empty((p * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("all_gather", "ring", p, flat, p - 1, tag)
+    work = _BACKEND.all_gather_into_tensor(flat, x, group=group, async_op=True)
+    h = Handle(work, flat.view((p,) + tuple(x.shape)))
+    return h if async_op else h.wait()
+
+
+def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
+                   tag: str = ""):
+    """Sum ``x`` ``[p, m, ...]`` over ranks and return this rank's chunk ``[m, ...]``."""
+    p = group_size(group)
+    if p == 1:
+        out = x[0]
+        return Handle(None, out) if async_op else out
+    if x.shape[0] != p:
+        raise ValueError(f"reduce_scatter: leading dim {x.shape[0]} != group size {p}")
+    x = x.contiguous()
+    chunk_shape = x.shape[1:]
+    if x.dim() > 1:
+        x = x.reshape((p * x.shape[1],) + tuple(x.shape[2:]))          # [p*m, ...]
+    backend = dist.get_backend(group) if _BACKEND.name == "torch" else _BACKEND.name
+    if backend not in _NO_NATIVE_RS:
+        out = torch.empty((x.shape[0] // p,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+        try:
+            work = _BACKEND.reduce_scatter_tensor(out, x, group=group, async_op=True)
+        except (RuntimeError, NotImplementedError):
+            _NO_NATIVE_RS.add(backend)
+        else:
+            _record("reduce_scatter", "ring", p, x, p - 1, tag)
+            h = Handle(work, out.view(chunk_shape))
+            return h if async_op else h.wait()
+    r = group_rank(group)
+    _record("reduce_scatter", "allreduce+slice", p, x, 2 * (p - 1), tag)
+    work = _BACKEND.all_reduce(x, group=group, async_op=True)
+    h = Handle(work, x, finish=lambda full: full.view((p,) + tuple(chunk_shape))[r])
+    return h if async_op else h.wait()
+
+
+def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
+               tag: str = ""):
+    """Sum ``x`` over ranks, in place."""
+    p = group_size(group)
+    if p == 1:
+        return Handle(None, x) if async_op else x
+    _record("all_reduce", "ring", p, x, 2 * (p - 1), tag)
+    work = _BACKEND.all_reduce(x, group=group, async_op=True)
+    h = Handle(work, x)
+    return h if async_op else h.wait()
+
+
+def all_to_all(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
+               tag: str = ""):
+    """Send chunk ``x[j]`` of ``x`` ``[p, m, ...]`` to rank ``j``; chunk ``j`` of the result came from rank ``j``."""
+    p = group_size(group)
+    if p == 1:
+        return Handle(None, x) if async_op else x
+    if x.shape[0] != p:
+        raise ValueError(f"all_to_all: leading dim {x.shape[0]} != group size {p}")
+    shape = x.shape
+    x = x.reshape((p * x.shape[1],) + tuple(x.shape[2:])) if x.dim() > 1 else x.contiguous()
+    out = torch.empty_like(x)
+    _record("all_to_all", "pairwise", p, x, p - 1, tag)
+    work = _BACKEND.all_to_all_single(out, x, group=group, async_op=True)
+    h = Handle(work, out.view(shape))
+    return h if async_op else h.wait()
+
+
+# --- counting collectives issued by other libraries (e.g. megatron-core's TP layers) -------
+
+_INTERCEPTED = {
+    # torch.distributed name: (op, chunks of payload/p sent per rank, argument holding the payload)
+    "all_reduce": ("all_reduce", lambda p: 2 * (p - 1), "tensor"),
+    "all_gather_into_tensor": ("all_gather", lambda p: p - 1, "output_tensor"),
+    "all_gather_single": ("all_gather", lambda p: p - 1, "output_tensor"),
+    "reduce_scatter_tensor": ("reduce_scatter", lambda p: p - 1, "input"),
+    "reduce_scatter_single": ("reduce_scatter", lambda p: p - 1, "input"),
+    "all_to_all_single": ("all_to_all", lambda p: p - 1, "input"),
+}
+
+
+@contextlib.contextmanager
+def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
+    """Count collectives that third-party code calls on ``torch.distributed`` directly.
+
+    Patches the ``torch.distributed`` attributes listed in ``_INTERCEPTED`` for the duration of
+    the block, so calls such as megatron-core's ``torch.distributed.all_reduce(...)`` are
+    recorded in :data:`COUNTER` with ring-algorithm byte counts. The calls themselves are
+    unchanged. Collectives this module issues are counted by it already and are not seen here.
+    """
+    originals = {}
+
+    def wrap(fn, op, chunks, payload_arg):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            bound = sig.bind_partial(*args, **kwargs).arguments
+            p = group_size(bound.get("group"))
+            if p > 1:
+                _record(op, "ring", p, bound[payload_arg], chunks(p), tag)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name, (op, chunks, payload_arg) in _INTERCEPTED.items():
+        fn = getattr(dist, name, None)
+        if fn is not None:
+            originals[name] = fn
+            setattr(dist, name, wrap(fn, op, chunks, payload_arg))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+def collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """Device a small tensor must live on to go through ``group`` (CUDA for NCCL, else CPU)."""
+    if dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

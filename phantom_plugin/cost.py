@@ -1,0 +1,187 @@
+"""The cost model of ``PHANTOM_MATH.md`` as code: parameters, MACs, messages and memory.
+
+Everything is per training step (one forward and one backward) for a batch of ``batch``
+samples (or tokens). MACs and saved activations are **per rank**; parameters are for the
+**whole group** (``params_per_rank`` too). Bytes are what **one rank sends** under the
+algorithm each :class:`Message` names: ring all-gather / reduce-scatter send ``(p-1)`` chunks of
+``1/p`` of the gathered tensor, a ring all-reduce ``2(p-1)`` chunks. These are the same numbers
+:mod:`phantom_plugin.comm` records for the calls the code makes, so tests compare them exactly.
+
+The TP side describes megatron-core's ``ColumnParallelLinear`` -> ``RowParallelLinear`` pairs:
+forward all-reduce after each row layer, backward all-reduce of each column layer's input grad
+(megatron issues it even for the first layer, whose input needs no grad).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+__all__ = ["Message", "Cost", "phantom_linear_cost", "phantom_ffn_cost", "tp_ffn_cost",
+           "phantom_mlp_cost", "tp_mlp_cost", "suggest_ghost_dim", "DTYPE_BYTES"]
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
+               "fp64": 8, "float64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """One collective per step on one rank: ``values`` gathered/reduced, ``bytes_sent`` by this rank."""
+    op: str
+    direction: str          # "fwd" or "bwd"
+    algorithm: str
+    values: int
+    bytes_sent: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    params: int                  # whole group
+    params_per_rank: int
+    macs_fwd: int                # per rank
+    macs_bwd: int                # per rank
+    activation_values: int       # per rank, tensors saved for backward by the linear maps
+    messages: tuple[Message, ...] = ()
+
+    @property
+    def macs(self) -> int:
+        return self.macs_fwd + self.macs_bwd
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.macs
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(m.bytes_sent for m in self.messages)
+
+    def bytes_by(self, direction: str) -> int:
+        return sum(m.bytes_sent for m in self.messages if m.direction == direction)
+
+    def __add__(self, other: "Cost") -> "Cost":
+        return Cost(*(getattr(self, f.name) + getattr(other, f.name)
+                      for f in dataclasses.fields(Cost)))
+
+
+def _ring(op: str, direction: str, values: int, p: int, elt: int) -> Message:
+    chunks = 2 * (p - 1) if op == "all_reduce" else p - 1
+    return Message(op, direction, "ring", values, values * elt // p * chunks)
+
+
+def _check(n: int, p: int, name: str) -> None:
+    if n % p:
+        raise ValueError(f"{name}={n} is not divisible by ranks={p}")
+
+
+def phantom_linear_cost(n_in: int, n_out: int, *, p: int, k: int, batch: int, dtype_bytes: int = 4,
+                        bias: bool = True) -> Cost:
+    """One ``PhantomLinear`` (the table of ``PHANTOM_MATH.md``)."""
+    _check(n_in, p, "n_in"), _check(n_out, p, "n_out")
+    mi, mo = n_in // p, n_out // p
+    kk = k if p > 1 else 0
+    per_rank = mo * mi + kk * mi + (p - 1) * kk * mo + (mo if bias else 0)
+    macs = batch * (mo * mi + kk * mi + (p - 1) * kk * mo)
+    msgs: tuple[Message, ...] = ()
+    if p > 1:
+        msgs = (_ring("all_gather", "fwd", p * k * batch, p, dtype_bytes),
+                _ring("reduce_scatter", "bwd", p * k * batch, p, dtype_bytes))
+    return Cost(per_rank * p, per_rank, macs, 2 * macs, batch * (mi + (p - 1) * kk), msgs)
+
+
+def _edge(op_fwd: Optional[str], op_bwd: Optional[str], n: int, p: int, batch: int, elt: int) -> Cost:
+    msgs = tuple(_ring(op, d, n * batch, p, elt) for op, d in ((op_fwd, "fwd"), (op_bwd, "bwd"))
+                 if op and p > 1)
+    return Cost(0, 0, 0, 0, 0, msgs)
+
+
+def phantom_ffn_cost(width: int, depth: int, *, p: int, k: int, batch: int, dtype_bytes: int = 4,
+                     bias: bool = True, input_requires_grad: bool = False) -> Cost:
+    """``PhantomFFN``: scatter edge, ``depth`` phantom layers, gather edge.
+
+    The output edge all-gathers ``width`` values per sample forward; the input edge all-gathers
+    its grad backward only when the input requires grad.
+    """
+    total = _edge("all_gather", None, width, p, batch, dtype_bytes)
+    if input_requires_grad:
+        total = total + _edge(None, "all_gather", width, p, batch, dtype_bytes)
+    for _ in range(depth):
+        total = total + phantom_linear_cost(width, width, p=p, k=k, batch=batch,
+                                            dtype_bytes=dtype_bytes, bias=bias)
+    return total
+
+
+def _tp_linear(n_in: int, n_out: int, *, p: int, batch: int, kind: str, elt: int, bias: bool,
+               gather_output: bool = False) -> Cost:
+    """megatron ``ColumnParallelLinear`` (``kind="column"``) or ``RowParallelLinear``."""
+    if kind == "column":
+        _check(n_out, p, "n_out")
+        per_rank = n_out // p * n_in + (n_out // p if bias else 0)
+        macs = batch * n_out // p * n_in
+        act = batch * n_in
+        msgs = [_ring("all_reduce", "bwd", n_in * batch, p, elt)] if p > 1 else []
+        if gather_output and p > 1:
+            msgs.append(_ring("all_gather", "fwd", n_out * batch, p, elt))
+        return Cost(per_rank * p, per_rank, macs, 2 * macs, act, tuple(msgs))
+    _check(n_in, p, "n_in")
+    per_rank = n_out * n_in // p + (n_out if bias else 0)
+    macs = batch * n_out * n_in // p
+    msgs = (_ring("all_reduce", "fwd", n_out * batch, p, elt),) if p > 1 else ()
+    # the row bias is replicated: the group holds one copy
+    return Cost(n_out * n_in + (n_out if bias else 0), per_rank, macs, 2 * macs, batch * n_in // p, msgs)
+
+
+def tp_ffn_cost(width: int, depth: int, *, p: int, batch: int, dtype_bytes: int = 4,
+                bias: bool = True) -> Cost:
+    """Megatron TP FFN: column/row pairs; an odd last layer is a column layer with ``gather_output``."""
+    total = Cost(0, 0, 0, 0, 0)
+    for l in range(depth):
+        if l % 2 == 0:
+            total = total + _tp_linear(width, width, p=p, batch=batch, kind="column", elt=dtype_bytes,
+                                       bias=bias, gather_output=(l == depth - 1))
+        else:
+            total = total + _tp_linear(width, width, p=p, batch=batch, kind="row", elt=dtype_bytes, bias=bias)
+    return total
+
+
+def phantom_mlp_cost(hidden: int, ffn_hidden: int, *, p: int, k: int, tokens: int, gated: bool = False,
+                     dtype_bytes: int = 4, bias: bool = True) -> Cost:
+    """Transformer MLP in phantom form: split, phantom fc1 (``2*ffn`` outputs when gated), act, phantom fc2, gather.
+
+    Per token: all-gather of ``hidden`` forward (output edge) and backward (input edge), and
+    four ghost collectives of ``p*k``.
+    """
+    fc1_out = 2 * ffn_hidden if gated else ffn_hidden
+    return (_edge("all_gather", "all_gather", hidden, p, tokens, dtype_bytes)
+            + phantom_linear_cost(hidden, fc1_out, p=p, k=k, batch=tokens, dtype_bytes=dtype_bytes, bias=bias)
+            + phantom_linear_cost(ffn_hidden, hidden, p=p, k=k, batch=tokens, dtype_bytes=dtype_bytes, bias=bias))
+
+
+def tp_mlp_cost(hidden: int, ffn_hidden: int, *, p: int, tokens: int, gated: bool = False,
+                dtype_bytes: int = 4, bias: bool = True) -> Cost:
+    """Megatron TP MLP: column fc1, row fc2; one all-reduce of ``hidden`` forward and one backward."""
+    fc1_out = 2 * ffn_hidden if gated else ffn_hidden
+    return (_tp_linear(hidden, fc1_out, p=p, batch=tokens, kind="column", elt=dtype_bytes, bias=bias)
+            + _tp_linear(ffn_hidden, hidden, p=p, batch=tokens, kind="row", elt=dtype_bytes, bias=bias))
+
+
+def suggest_ghost_dim(width: int, depth: int, *, p: int, batch: int = 1,
+                      param_budget: Optional[float] = None,
+                      traffic_budget: Optional[float] = None) -> int:
+    """Largest ``k <= width/p`` whose phantom FFN stays within the budgets, as fractions of TP's.
+
+    ``param_budget=0.25`` asks for at most a quarter of the TP FFN's parameters;
+    ``traffic_budget`` bounds bytes sent per step the same way. Raises if even ``k = 1`` does not fit.
+    """
+    if param_budget is None and traffic_budget is None:
+        raise ValueError("suggest_ghost_dim: give param_budget and/or traffic_budget (fractions of TP's)")
+    tp = tp_ffn_cost(width, depth, p=p, batch=batch)
+    best = 0
+    for k in range(1, width // p + 1):
+        ph = phantom_ffn_cost(width, depth, p=p, k=k, batch=batch)
+        if param_budget is not None and ph.params > param_budget * tp.params:
+            break
+        if traffic_budget is not None and ph.bytes_sent > traffic_budget * tp.bytes_sent:
+            break
+        best = k
+    if best == 0:
+        raise ValueError("suggest_ghost_dim: even ghost_dim=1 exceeds the budget; raise it")
+    return best

@@ -1,0 +1,228 @@
+"""Phantom layers: ``PhantomLinear`` and ``PhantomFFN`` (framework-free).
+
+Rank ``i`` of a group of ``p`` holds ``L_i [n_out/p, n_in/p]`` (``local_weight``),
+``C_i [k, n_in/p]`` (``compressor``), ``[D_ij, j != i] [n_out/p, (p-1)k]`` (``decompressor``) and
+``b_i [n_out/p]`` (``bias``). All of them differ across ranks and are tagged
+``tensor_model_parallel=True`` (with ``partition_dim``/``partition_stride``) so Megatron's and
+DeepSpeed's grad-norm code counts them on every rank. At ``p = 1`` only ``local_weight`` and
+``bias`` exist and the layer is a plain dense one.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import blocks, comm, init, ops
+from .checks import DTYPE_CODES, agree_across_group, resolve_group
+
+__all__ = ["PhantomLinear", "PhantomFFN", "mark_tensor_parallel"]
+
+
+def mark_tensor_parallel(param: nn.Parameter, partition_dim: int = 0) -> nn.Parameter:
+    """Tag ``param`` as differing across the group, the way Megatron and DeepSpeed expect."""
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = 1
+    return param
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+
+
+class PhantomLinear(nn.Module):
+    """``y = W x + b`` over a group, with ``W``'s off-diagonal blocks ``D_ij C_j`` of rank ``ghost_dim``.
+
+    Args:
+        in_features, out_features: the dense layer's ``n_in`` and ``n_out`` (divisible by ``p``).
+        ghost_dim: ``k``, ``1 <= k <= n_in/p``.
+        group: the phantom group (``None``: the world group, or ``p = 1`` without torch.distributed).
+        seed: initialisation seed (see :mod:`phantom_plugin.init`); ``None`` draws one from torch's
+            default generator, and construction checks that every rank drew the same.
+
+    Input ``[*, n_in/p]`` (this rank's slice), output ``[*, n_out/p]``. Construction runs one small
+    all-gather that checks every rank passed the same valid arguments.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, ghost_dim: int,
+                 group: Optional[dist.ProcessGroup] = None, bias: bool = True,
+                 device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None):
+        super().__init__()
+        who = "PhantomLinear"
+        p, rank = resolve_group(group, who)
+        dtype = dtype or torch.get_default_dtype()
+        seed = _draw_seed() if seed is None else seed
+        error = _shape_error(in_features, out_features, ghost_dim, p, dtype)
+        agree_across_group(group, p, who, {
+            "in_features": in_features, "out_features": out_features, "ghost_dim": ghost_dim,
+            "bias": bool(bias), "dtype": DTYPE_CODES.get(dtype, -1), "seed": seed}, error)
+        self.in_features, self.out_features, self.ghost_dim = in_features, out_features, ghost_dim
+        self.group, self.world, self.rank, self.seed = group, p, rank, seed
+        self.approx_error: Optional[float] = None
+        mi, mo, kw = in_features // p, out_features // p, {"device": device, "dtype": dtype}
+        self.local_weight = mark_tensor_parallel(nn.Parameter(torch.empty(mo, mi, **kw)))
+        if p > 1:
+            self.compressor = mark_tensor_parallel(nn.Parameter(torch.empty(ghost_dim, mi, **kw)))
+            self.decompressor = mark_tensor_parallel(nn.Parameter(torch.empty(mo, (p - 1) * ghost_dim, **kw)))
+        else:
+            self.register_parameter("compressor", None)
+            self.register_parameter("decompressor", None)
+        if bias:
+            self.bias = mark_tensor_parallel(nn.Parameter(torch.empty(mo, **kw)))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fill every block from :attr:`seed` (identical to :func:`init.master_blocks` slices)."""
+        n_in, n_out, k, p, r, s = (self.in_features, self.out_features, self.ghost_dim,
+                                   self.world, self.rank, self.seed)
+        with torch.no_grad():
+            self.local_weight.copy_(init.local_block(s, n_in, n_out, p, r))
+            if p > 1:
+                self.compressor.copy_(init.compressor_block(s, n_in, k, p, r))
+                self.decompressor.copy_(init.decompressor_block(s, n_out, k, p, r))
+            if self.bias is not None:
+                self.bias.copy_(init.bias_block(s, n_in, n_out, p, r))
+
+    def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
+        if x_shard.shape[-1] != self.in_features // self.world:
+            raise ValueError(f"PhantomLinear: input last dim is {x_shard.shape[-1]}, expected "
+                             f"in_features/p = {self.in_features}/{self.world} = "
+                             f"{self.in_features // self.world} (pass this rank's shard)")
+        return ops.phantom_linear(x_shard, self.local_weight, self.compressor, self.decompressor,
+                                  self.bias, self.group, self.rank)               # [*, n_out/p]
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"ghost_dim={self.ghost_dim}, p={self.world}, bias={self.bias is not None}")
+
+    # --- dense equivalence --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def to_dense(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(weight [out, in], bias [out] or None)``, the exact dense equivalent, on every rank.
+
+        Collective: all-gathers every rank's blocks (call it on all ranks of the group).
+        """
+        if self.world == 1:
+            return self.local_weight.detach().clone(), None if self.bias is None else self.bias.detach().clone()
+        g = self.group
+        local = comm.all_gather(self.local_weight.detach(), g, tag="to_dense").unbind(0)
+        comp = comm.all_gather(self.compressor.detach(), g, tag="to_dense").unbind(0)
+        decomp = comm.all_gather(self.decompressor.detach(), g, tag="to_dense").unbind(0)
+        bias = None
+        if self.bias is not None:
+            bias = comm.all_gather(self.bias.detach(), g, tag="to_dense").reshape(-1)
+        return blocks.dense_from_blocks(local, comp, decomp), bias
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, ghost_dim: int,
+                   group: Optional[dist.ProcessGroup] = None) -> "PhantomLinear":
+        """Best phantom approximation of the dense ``weight [out, in]`` (the same on every rank).
+
+        ``L_i = W[i,i]``; each rank factors its own block column by truncated SVD (float64) and
+        the factors are all-gathered, so every rank uses one factorisation. The relative
+        Frobenius error ``||W - W_phantom|| / ||W||`` is stored in ``layer.approx_error``
+        (0 up to rounding when ``ghost_dim >= in/p``). dtype and device follow ``weight``.
+        """
+        n_out, n_in = weight.shape
+        layer = cls(n_in, n_out, ghost_dim=ghost_dim, group=group, bias=bias is not None,
+                    device=weight.device, dtype=weight.dtype, seed=0)
+        p, r, k = layer.world, layer.rank, ghost_dim
+        mo, mi = n_out // p, n_in // p
+        w = weight.detach()
+        with torch.no_grad():
+            layer.local_weight.copy_(w[r * mo:(r + 1) * mo, r * mi:(r + 1) * mi])
+            if bias is not None:
+                layer.bias.copy_(bias.detach()[r * mo:(r + 1) * mo])
+            dropped = torch.zeros((), dtype=torch.float64, device=w.device)
+            if p > 1:
+                comp, fac, dropped = layer._exchange_svd(w, k)
+                layer.compressor.copy_(comp)
+                layer.decompressor.copy_(fac)
+            total = w.to(torch.float64).pow(2).sum()
+            layer.approx_error = float((dropped / total).sqrt()) if total > 0 else 0.0
+        return layer
+
+    def _exchange_svd(self, w: torch.Tensor, k: int):
+        """SVD of own block column, all-gathered; returns own ``C``, own ``[D_ij]`` and total dropped energy."""
+        p, r, g = self.world, self.rank, self.group
+        mo = self.out_features // p
+        comp, fac, dropped = blocks.svd_block_column(w, p, k, r)       # [k, mi], [(p-1)mo, k], []
+        packed = torch.cat([fac.reshape(-1), dropped.reshape(1)])
+        every = comm.all_gather(packed, g, tag="from_dense")            # [p, (p-1)mo*k + 1]
+        decomp = []
+        for j in range(p):
+            if j == r:
+                continue
+            fac_j = every[j, :-1].reshape((p - 1) * mo, k)
+            slot = r if r < j else r - 1                                # rank r's row block in column j
+            decomp.append(fac_j[slot * mo:(slot + 1) * mo])
+        return comp, torch.cat(decomp, dim=1), every[:, -1].sum()
+
+
+def _shape_error(n_in: int, n_out: int, k: int, p: int, dtype: torch.dtype) -> Optional[str]:
+    if n_in < 1 or n_out < 1:
+        return f"in_features={n_in} and out_features={n_out} must be positive"
+    for name, n in (("in_features", n_in), ("out_features", n_out)):
+        if n % p:
+            return (f"{name}={n} is not divisible by the group size p={p}; choose a multiple of "
+                    f"{p} or a group size that divides {n}")
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        return f"ghost_dim must be an integer >= 1, got {k!r}"
+    if p > 1 and k > n_in // p:
+        return (f"ghost_dim={k} exceeds in_features/p = {n_in}/{p} = {n_in // p}; a larger k "
+                "adds nothing (the factorisation is exact at in_features/p); lower ghost_dim")
+    if dtype not in DTYPE_CODES:
+        return f"dtype {dtype} is not supported; use float32, float64, bfloat16 or float16"
+    return None
+
+
+_ACT: dict[str, Callable] = {"relu": torch.relu, "gelu": nn.functional.gelu,
+                             "silu": nn.functional.silu, "tanh": torch.tanh,
+                             "identity": lambda x: x}
+
+
+class PhantomFFN(nn.Module):
+    """``depth`` phantom layers of width ``width`` with activations kept sharded in between.
+
+    forward ``[*, width]`` replicated -> ``[*, width]`` replicated: the input edge takes this
+    rank's slice (backward: all-gather of its grad), the layers exchange only ghosts, the output
+    edge all-gathers (backward: own slice). ``scatter_input=False`` / ``gather_output=False``
+    take / return shards ``[*, width/p]`` instead. Layer ``l`` is seeded ``seed + l``.
+    """
+
+    def __init__(self, width: int, depth: int, *, ghost_dim: int,
+                 group: Optional[dist.ProcessGroup] = None,
+                 activation: Union[str, Callable] = "gelu", bias: bool = True,
+                 scatter_input: bool = True, gather_output: bool = True,
+                 device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"PhantomFFN: depth must be >= 1, got {depth}")
+        if isinstance(activation, str) and activation not in _ACT:
+            raise ValueError(f"PhantomFFN: activation must be one of {sorted(_ACT)} or a callable, "
+                             f"got {activation!r}")
+        seed = _draw_seed() if seed is None else seed
+        self.group, self.width, self.depth = group, width, depth
+        self.scatter_input, self.gather_output = scatter_input, gather_output
+        self.act = _ACT[activation] if isinstance(activation, str) else activation
+        self.layers = nn.ModuleList(
+            PhantomLinear(width, width, ghost_dim=ghost_dim, group=group, bias=bias,
+                          device=device, dtype=dtype, seed=seed + l) for l in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.scatter_to_group(x, self.group) if self.scatter_input else x   # [*, width/p]
+        for l, layer in enumerate(self.layers):
+            h = layer(h)
+            if l < self.depth - 1:
+                h = self.act(h)
+        return ops.gather_from_group(h, self.group) if self.gather_output else h
+
+    def to_dense(self) -> list[tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """Every layer's dense equivalent (collective; see :meth:`PhantomLinear.to_dense`)."""
+        return [layer.to_dense() for layer in self.layers]

@@ -1,0 +1,207 @@
+"""Autograd operators of phantom parallelism (``PHANTOM_MATH.md``, "One phantom layer").
+
+Tier two of three: :mod:`comm` holds raw collectives, this module the autograd Functions
+(named for where the data goes) and their public lowercase wrappers, :mod:`layers` the modules.
+Layers call only the wrappers below.
+
+Shapes use ``*`` for any leading batch dims, ``B`` for their product, ``p`` for the group size,
+``k`` for the ghost dimension. Rank ``i`` owns ``x_shard [*, n_in/p]`` and ``y_shard [*, n_out/p]``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+
+__all__ = ["phantom_linear", "scatter_to_group", "gather_from_group",
+           "sequence_to_hidden", "hidden_to_sequence"]
+
+
+def _others(t: torch.Tensor, rank: int) -> torch.Tensor:
+    """``t [p, ...]`` without row ``rank`` -> ``[p-1, ...]`` (rank order kept)."""
+    return torch.cat([t[:rank], t[rank + 1:]], dim=0)
+
+
+class _PhantomLinear(torch.autograd.Function):
+    """``y_i = L_i x_i + sum_{j != i} D_ij G_j + b_i`` with ``G = all_gather(C_i x_i)``.
+
+    Forward:  ghosts ``g = x C^T [B, k]``; async **all-gather** of ``g`` -> ``G [p, B, k]`` runs while
+              the local GEMM ``x L^T [B, n_out/p]`` computes; then one decompression GEMM
+              ``G_remote [B, (p-1)k] @ D^T`` with ``D [n_out/p, (p-1)k]`` (remote ranks in order).
+    Backward: ``dG_remote = dy D [B, (p-1)k]`` placed into ``[p, B, k]`` (own slot zero); async
+              **reduce-scatter** (sum) -> ``dg [B, k]`` runs while ``dL = dy^T x``, ``dD = dy^T G_remote``,
+              ``db`` and the local part of ``dx = dy L`` compute; then ``dC = dg^T x`` and
+              ``dx += dg C``.
+    Communication per call: ``p*k*B`` values gathered forward, ``p*k*B`` reduce-scattered backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, local_w, comp_w, decomp_w, bias, group, rank):
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])                                  # [B, n_in/p]
+        ghosts = x2 @ comp_w.t()                                         # [B, k]
+        pending = comm.all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
+        y = x2 @ local_w.t() if bias is None else torch.addmm(bias, x2, local_w.t())  # [B, n_out/p]
+        gathered = pending.wait()                                        # [p, B, k]
+        remote = _others(gathered, rank).transpose(0, 1).reshape(x2.shape[0], -1)  # [B, (p-1)k]
+        y.addmm_(remote, decomp_w.t())
+        ctx.save_for_backward(x2, remote, local_w, comp_w, decomp_w)
+        ctx.group, ctx.rank, ctx.p, ctx.has_bias, ctx.lead = group, rank, gathered.shape[0], bias is not None, lead
+        return y.reshape(*lead, y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, remote, local_w, comp_w, decomp_w = ctx.saved_tensors
+        p, k = ctx.p, comp_w.shape[0]
+        dy2 = dy.reshape(-1, dy.shape[-1])                               # [B, n_out/p]
+        B = dy2.shape[0]
+        d_remote = (dy2 @ decomp_w).reshape(B, p - 1, k).transpose(0, 1)  # [p-1, B, k]
+        d_all = dy2.new_zeros((p, B, k))
+        d_all[:ctx.rank] = d_remote[:ctx.rank]
+        d_all[ctx.rank + 1:] = d_remote[ctx.rank:]
+        pending = comm.reduce_scatter(d_all, ctx.group, async_op=True, tag="ghosts_bwd")
+        need_x, need_l, need_c, need_d, need_b = ctx.needs_input_grad[:5]
+        d_local = dy2.t() @ x2 if need_l else None                       # [n_out/p, n_in/p]
+        d_decomp = dy2.t() @ remote if need_d else None                  # [n_out/p, (p-1)k]
+        d_bias = dy2.sum(0) if ctx.has_bias and need_b else None
+        dx = dy2 @ local_w if need_x else None                           # [B, n_in/p]
+        dg = pending.wait()                                              # [B, k]
+        d_comp = dg.t() @ x2 if need_c else None                         # [k, n_in/p]
+        if need_x:
+            dx.addmm_(dg, comp_w)
+            dx = dx.reshape(*ctx.lead, dx.shape[-1])
+        return dx, d_local, d_comp, d_decomp, d_bias, None, None
+
+
+def phantom_linear(x_shard: torch.Tensor, local_weight: torch.Tensor, compressor: torch.Tensor,
+                   decompressor: torch.Tensor, bias: Optional[torch.Tensor],
+                   group: Optional[dist.ProcessGroup], rank: int) -> torch.Tensor:
+    """Phantom linear map on rank ``rank`` of ``group``.
+
+    forward: all-gather of ghosts ``[B, k]``; backward: reduce-scatter of ghost grads ``[p, B, k]``.
+
+    Args:
+        x_shard: ``[*, n_in/p]``.
+        local_weight: ``L_i [n_out/p, n_in/p]``. compressor: ``C_i [k, n_in/p]``.
+        decompressor: ``[D_ij for j != i]`` side by side, ``[n_out/p, (p-1)k]``.
+        bias: ``b_i [n_out/p]`` or None.
+    Returns ``y_shard [*, n_out/p]``. With a group of one rank this is ``x L^T + b``.
+    """
+    if comm.group_size(group) == 1:
+        return torch.nn.functional.linear(x_shard, local_weight, bias)
+    return _PhantomLinear.apply(x_shard, local_weight, compressor, decompressor, bias, group, rank)
+
+
+# --- region ops at the edges of a phantom block ---------------------------------------------
+
+def _gather_last(x: torch.Tensor, group, tag: str) -> torch.Tensor:
+    gathered = comm.all_gather(x, group, tag=tag)                        # [p, *, m]
+    return torch.cat(gathered.unbind(0), dim=-1)                         # [*, p*m]
+
+
+def _own_last(x: torch.Tensor, group) -> torch.Tensor:
+    p, r = comm.group_size(group), comm.group_rank(group)
+    m = x.shape[-1] // p
+    return x[..., r * m:(r + 1) * m].contiguous()
+
+
+class _ScatterToGroup(torch.autograd.Function):
+    """Forward: take own slice ``[*, n] -> [*, n/p]`` (no communication).
+    Backward: all-gather of the slices' grads ``[*, n/p] -> [*, n]``."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _own_last(x, group)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _gather_last(dy, ctx.group, "scatter_bwd"), None
+
+
+class _GatherFromGroup(torch.autograd.Function):
+    """Forward: all-gather ``[*, n/p] -> [*, n]``. Backward: take own slice of the grad (no communication)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _gather_last(x, group, "gather_fwd")
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _own_last(dy, ctx.group), None
+
+
+def scatter_to_group(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """forward: split the last dim, keep own shard; backward: all-gather. ``[*, n] -> [*, n/p]``."""
+    if comm.group_size(group) == 1:
+        return x
+    return _ScatterToGroup.apply(x, group)
+
+
+def gather_from_group(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """forward: all-gather the last dim; backward: keep own shard. ``[*, n/p] -> [*, n]``."""
+    if comm.group_size(group) == 1:
+        return x
+    return _GatherFromGroup.apply(x, group)
+
+
+# --- sequence-parallel layout switch (all-to-all) -------------------------------------------
+
+def _seq_to_hidden(x: torch.Tensor, group, tag: str) -> torch.Tensor:
+    """``[s/p, *, h]`` (sequence shard) -> ``[s, *, h/p]`` (hidden shard)."""
+    p = comm.group_size(group)
+    chunks = torch.stack(x.chunk(p, dim=-1), dim=0)                      # [p, s/p, *, h/p]
+    recv = comm.all_to_all(chunks, group, tag=tag)                       # [p, s/p, *, h/p]
+    return recv.reshape(-1, *recv.shape[2:])                             # [s, *, h/p]
+
+
+def _hidden_to_seq(x: torch.Tensor, group, tag: str) -> torch.Tensor:
+    """``[s, *, h/p]`` (hidden shard) -> ``[s/p, *, h]`` (sequence shard)."""
+    p = comm.group_size(group)
+    chunks = x.reshape(p, x.shape[0] // p, *x.shape[1:])                 # [p, s/p, *, h/p]
+    recv = comm.all_to_all(chunks, group, tag=tag)                       # [p, s/p, *, h/p]
+    return torch.cat(recv.unbind(0), dim=-1)                             # [s/p, *, h]
+
+
+class _SequenceToHidden(torch.autograd.Function):
+    """Forward: all-to-all ``[s/p, *, h] -> [s, *, h/p]``. Backward: the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _seq_to_hidden(x, group, "seq_to_hidden_fwd")
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _hidden_to_seq(dy, ctx.group, "seq_to_hidden_bwd"), None
+
+
+class _HiddenToSequence(torch.autograd.Function):
+    """Forward: all-to-all ``[s, *, h/p] -> [s/p, *, h]``. Backward: the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _hidden_to_seq(x, group, "hidden_to_seq_fwd")
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _seq_to_hidden(dy, ctx.group, "hidden_to_seq_bwd"), None
+
+
+def sequence_to_hidden(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """forward: all-to-all sequence shard -> hidden shard; backward: the reverse all-to-all."""
+    if comm.group_size(group) == 1:
+        return x
+    return _SequenceToHidden.apply(x, group)
+
+
+def hidden_to_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    """forward: all-to-all hidden shard -> sequence shard; backward: the reverse all-to-all."""
+    if comm.group_size(group) == 1:
+        return x
+    return _HiddenToSequence.apply(x, group)
