@@ -131,7 +131,7 @@ def _tp_linear(n_in: int, n_out: int, *, p: int, batch: int, kind: str, elt: int
 
 def tp_ffn_cost(width: int, depth: int, *, p: int, batch: int, dtype_bytes: int = 4,
                 bias: bool = True) -> Cost:
-    """Megatron TP FFN: column/row pairs; an odd last layer is a column layer with ``gather_output``."""
+    """Megatron TP FFN: column/row pairs; an odd last layer is a column layer whose output is all-gathered."""
     total = Cost(0, 0, 0, 0, 0)
     for l in range(depth):
         if l % 2 == 0:

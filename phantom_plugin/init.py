@@ -22,7 +22,7 @@ import math
 
 import torch
 
-__all__ = ["local_block", "compressor_block", "decompressor_block", "bias_block", "master_blocks"]
+__all__ = ["dense_master", "dense_bias", "local_block", "compressor_block", "decompressor_block", "bias_block", "master_blocks"]
 
 _CHUNK = 128
 
@@ -46,6 +46,19 @@ def local_block(seed: int, n_in: int, n_out: int, p: int, rank: int) -> torch.Te
         block = _uniform(_gen(seed, 1000 + chunk), (hi - lo, n_in), bound)
         rows.append(block[max(r0, lo) - lo:min(r1, hi) - lo, c0:c1])
     return torch.cat(rows, dim=0)
+
+
+def dense_master(seed: int, n_in: int, n_out: int) -> torch.Tensor:
+    """The dense master ``W0 [n_out, n_in]`` whose diagonal blocks are the ``L_i`` (float32, CPU).
+
+    A TP baseline initialised from it with the same seed shares every phantom local block.
+    """
+    return local_block(seed, n_in, n_out, 1, 0)
+
+
+def dense_bias(seed: int, n_in: int, n_out: int) -> torch.Tensor:
+    """The dense master bias ``[n_out]`` whose slices are the ``b_i``."""
+    return bias_block(seed, n_in, n_out, 1, 0)
 
 
 def compressor_block(seed: int, n_in: int, k: int, p: int, rank: int) -> torch.Tensor:

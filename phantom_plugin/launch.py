@@ -1,0 +1,86 @@
+"""Start ranks on this machine: ``run_ranks(fn, world_size, *args)``.
+
+Spawns ``world_size`` processes, initializes a process group in each (gloo on CPU, NCCL with one
+GPU per rank when ``backend="nccl"``), calls ``fn(rank, world_size, *args)`` and returns the
+per-rank return values in rank order. Any rank's exception fails the call with that rank's
+traceback. ``fn`` must be a module-level function (it is pickled by name). Used by the tests,
+``make demo`` and ``phantom-bench``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(rank, world_size, port, fn, args, queue, pg_timeout_s, backend, threads):
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=pg_timeout_s))
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure, including SystemExit, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = 180, pg_timeout_s: float = 60,
+              allow_failures: bool = False, backend: str = "gloo", threads: int = 1):
+    """Run ``fn`` on ``world_size`` ranks; see the module docstring.
+
+    ``threads`` is each rank's intra-op thread count. With ``allow_failures`` the per-rank
+    ``("ok"|"error"|"died", value)`` pairs are returned instead of raising, for tests of
+    failure paths.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, args, queue, pg_timeout_s, backend, threads))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results = {}
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    try:
+        while len(results) < world_size:
+            remaining = (deadline - datetime.datetime.now()).total_seconds()
+            if remaining <= 0:
+                break
+            try:
+                rank, status, value = queue.get(timeout=min(remaining, 1.0))
+                results[rank] = (status, value)
+            except Exception:  # queue.Empty: check for ranks that died without reporting
+                if all(not p.is_alive() for p in procs) and queue.empty():
+                    break
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    for r in range(world_size):
+        results.setdefault(r, ("died", f"exit code {procs[r].exitcode}"))
+    if allow_failures:
+        return [results[r] for r in range(world_size)]
+    errors = [f"rank {r}: {v}" for r, (s, v) in sorted(results.items()) if s != "ok"]
+    if errors:
+        raise RuntimeError("a rank failed\n" + "\n".join(errors))
+    return [results[r][1] for r in range(world_size)]
