@@ -66,5 +66,7 @@ def agree_across_group(group: Optional[dist.ProcessGroup], p: int, who: str,
     for c, name in enumerate(names, start=1):
         values = table[:, c].tolist()
         if len(set(values)) > 1:
+            hint = (" (with seed=None it is drawn from torch's default generator: pass seed=, or "
+                    "call torch.manual_seed with the same value on every rank)" if name == "seed" else "")
             raise ValueError(f"{who}: ranks disagree on `{name}` (per rank: {values}); pass the "
-                             "same value on every rank of the group")
+                             f"same value on every rank of the group{hint}")

@@ -183,5 +183,8 @@ def suggest_ghost_dim(width: int, depth: int, *, p: int, batch: int = 1,
             break
         best = k
     if best == 0:
-        raise ValueError("suggest_ghost_dim: even ghost_dim=1 exceeds the budget; raise it")
+        ph = phantom_ffn_cost(width, depth, p=p, k=1, batch=batch)
+        raise ValueError(
+            f"suggest_ghost_dim: even ghost_dim=1 needs {ph.params / tp.params:.3f} of TP's parameters "
+            f"and {ph.bytes_sent / tp.bytes_sent:.3f} of its traffic; raise the budget or use more ranks")
     return best
