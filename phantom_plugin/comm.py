@@ -8,11 +8,12 @@ Every collective the plugin issues goes through this module. Each call
 * can be routed through another backend (``deepspeed.comm`` under DeepSpeed) with
   :func:`use_backend`, so other tools' communication loggers see it too.
 
-Bytes sent per rank assume the bandwidth-optimal ring (or halving-doubling) algorithms that
-NCCL and gloo use: an all-gather or reduce-scatter of a ``p``-chunk tensor sends ``(p-1)``
-chunks per rank, an all-reduce ``2(p-1)`` chunks, an all-to-all ``(p-1)`` chunks. Where a
-backend lacks a native reduce-scatter the fallback is an all-reduce plus a local slice, and the
-record says ``algorithm="allreduce+slice"`` with the all-reduce's ``2(p-1)`` chunks.
+Bytes sent per rank assume the bandwidth-optimal ring algorithms that NCCL and gloo use: an
+all-gather or reduce-scatter of a ``p``-chunk tensor sends ``(p-1)`` chunks per rank, an
+all-reduce ``2(p-1)`` chunks, an all-to-all ``(p-1)`` chunks. gloo has no reduce-scatter
+algorithm (torch emulates it with an all-reduce): there the record says
+``algorithm="allreduce+slice"`` with the all-reduce's ``2(p-1)`` chunks. Both facts were
+checked against the loopback interface's transmitted-byte counter (``benchmarks/wire_check.py``).
 """
 from __future__ import annotations
 
@@ -198,7 +199,13 @@ def all_gather(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op:
 
 def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
                    tag: str = ""):
-    """Sum ``x`` ``[p, m, ...]`` over ranks and return this rank's chunk ``[m, ...]``."""
+    """Sum ``x`` ``[p, m, ...]`` over ranks and return this rank's chunk ``[m, ...]``.
+
+    gloo has no reduce-scatter algorithm of its own: torch's gloo backend runs an all-reduce
+    and keeps a slice (measured on the loopback interface: ``2(p-1)`` chunks leave each rank,
+    as for an all-reduce), so on gloo the record says ``allreduce+slice`` with those bytes.
+    Where the backend refuses the call, the same all-reduce plus slice is issued explicitly.
+    """
     p = group_size(group)
     if p == 1:
         out = x[0]
@@ -209,7 +216,7 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
     chunk_shape = x.shape[1:]
     if x.dim() > 1:
         x = x.reshape((p * x.shape[1],) + tuple(x.shape[2:]))          # [p*m, ...]
-    backend = dist.get_backend(group) if _BACKEND.name == "torch" else _BACKEND.name
+    backend = str(dist.get_backend(group)).lower()
     if backend not in _NO_NATIVE_RS:
         out = torch.empty((x.shape[0] // p,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
         try:
@@ -217,7 +224,10 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
         except (RuntimeError, NotImplementedError):
             _NO_NATIVE_RS.add(backend)
         else:
-            _record("reduce_scatter", "ring", p, x, p - 1, tag)
+            if "gloo" in backend:
+                _record("reduce_scatter", "allreduce+slice", p, x, 2 * (p - 1), tag)
+            else:
+                _record("reduce_scatter", "ring", p, x, p - 1, tag)
             h = Handle(work, out.view(chunk_shape))
             return h if async_op else h.wait()
     r = group_rank(group)
@@ -286,9 +296,13 @@ def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             bound = sig.bind_partial(*args, **kwargs).arguments
-            p = group_size(bound.get("group"))
+            group = bound.get("group")
+            p = group_size(group)
             if p > 1:
-                _record(op, "ring", p, bound[payload_arg], chunks(p), tag)
+                if op == "reduce_scatter" and "gloo" in str(dist.get_backend(group)).lower():
+                    _record(op, "allreduce+slice", p, bound[payload_arg], 2 * (p - 1), tag)
+                else:
+                    _record(op, "ring", p, bound[payload_arg], chunks(p), tag)
             return fn(*args, **kwargs)
         return wrapper
 
