@@ -1,0 +1,183 @@
+"""Train a small GPT with Megatron-core: tensor-parallel MLPs versus phantom MLPs.
+
+Same seed, same data (byte-level tokens of this Python's standard-library ``.py`` sources, a
+corpus every Python ships), same TP attention; only the MLP spec differs:
+``get_gpt_layer_local_spec()`` versus ``with_phantom_mlp(get_gpt_layer_local_spec(), ghost_dim=k)``.
+Prints loss, tokens/s, bytes sent per step per rank (every collective: megatron's counted by
+``comm.intercept_torch_collectives``, the plugin's by ``comm.COUNTER``) and parameters.
+
+CPU (gloo), 2 ranks, a few minutes::
+
+    torchrun --nproc_per_node 2 examples/megatron_gpt_phantom.py
+
+On GPUs (NCCL, one per rank) it uses the stock spec (Transformer Engine when installed) and RoPE;
+on CPU a CPU-friendly ``core_attention`` (SDPA) and learned absolute positions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sysconfig
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def stdlib_bytes(limit: int) -> torch.Tensor:
+    """Up to ``limit`` bytes of the standard library's ``.py`` files (sorted walk), as int64 tokens."""
+    root, buf = sysconfig.get_paths()["stdlib"], bytearray()
+    for dirpath, dirnames, files in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages"))
+        for f in sorted(files):
+            if f.endswith(".py"):
+                with open(os.path.join(dirpath, f), "rb") as fh:
+                    buf += fh.read()
+            if len(buf) >= limit:
+                return torch.tensor(list(buf[:limit]), dtype=torch.int64)
+    return torch.tensor(list(buf), dtype=torch.int64)
+
+
+def make_batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int):
+    """``steps`` random windows ``(tokens, labels)`` of ``[batch, seq]`` from ``data`` (same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, data.numel() - seq - 1, (steps, batch), generator=g)
+    idx = starts[..., None] + torch.arange(seq + 1)
+    windows = data[idx]                                                  # [steps, batch, seq+1]
+    return [(w[:, :-1].contiguous(), w[:, 1:].contiguous()) for w in windows]
+
+
+def build(args, phantom: bool, device):
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from phantom_plugin.megatron import with_phantom_mlp
+    from phantom_plugin.megatron.cpu import cpu_attention_spec
+    gpu = device.type == "cuda"
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed, inference_rng_tracker=not gpu, force_reset_rng=True)
+    config = TransformerConfig(
+        num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
+        num_attention_heads=args.heads, tensor_model_parallel_size=args.tp,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not gpu,
+        bias_dropout_fusion=gpu, bias_activation_fusion=False, masked_softmax_fusion=gpu,
+        gradient_accumulation_fusion=False)
+    if gpu:
+        spec = specs.get_gpt_layer_with_transformer_engine_spec() if specs.HAVE_TE else specs.get_gpt_layer_local_spec()
+        positions = "rope"
+    else:
+        spec, positions = cpu_attention_spec(specs.get_gpt_layer_local_spec()), "learned_absolute"
+    if phantom:
+        spec = with_phantom_mlp(spec, ghost_dim=args.ghost_dim, seed=args.seed)
+    model = GPTModel(config, transformer_layer_spec=spec, vocab_size=256, max_sequence_length=args.seq,
+                     position_embedding_type=positions, share_embeddings_and_output_weights=False)
+    return model.to(device)
+
+
+def unique_params(model, only: str = "") -> int:
+    """Parameters of the whole TP group: sharded ones times the TP size, replicated ones once."""
+    from megatron.core import parallel_state
+    p = parallel_state.get_tensor_model_parallel_world_size()
+    return sum(t.numel() * (p if getattr(t, "tensor_model_parallel", False) else 1)
+               for n, t in model.named_parameters() if only in n)
+
+
+def run(args, phantom: bool, train, evals, device) -> dict:
+    from phantom_plugin import COUNTER, comm
+    model = build(args, phantom, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    pos = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
+    losses, timed, t0 = [], 0, None
+    COUNTER.reset()
+    with comm.intercept_torch_collectives("megatron"):
+        for step, (tok, lab) in enumerate(train):
+            if step == args.warmup:                       # time and count after warm-up steps
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0, window = time.perf_counter(), len(COUNTER.records)
+            loss = model(tok.to(device), pos, None, labels=lab.to(device)).float().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        timed = len(train) - args.warmup
+        records = COUNTER.records[window:]
+    model.eval()
+    with torch.no_grad():
+        ev = sum(model(t.to(device), pos, None, labels=l.to(device)).float().mean().item() for t, l in evals)
+    mlp_tags = {"ghosts_fwd", "ghosts_bwd", "scatter_bwd", "gather_fwd", "seq_to_hidden_fwd",
+                "seq_to_hidden_bwd", "hidden_to_seq_fwd", "hidden_to_seq_bwd"}
+    return {"name": f"phantom k={args.ghost_dim}" if phantom else "TP",
+            "loss_first": losses[0], "loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+            "eval_loss": ev / len(evals),
+            "tokens_per_s": timed * args.batch * args.seq / elapsed,
+            "bytes_per_step": sum(r.sent_bytes for r in records) / timed,
+            "phantom_mlp_bytes_per_step": sum(r.sent_bytes for r in records if r.tag in mlp_tags) / timed,
+            "params": unique_params(model), "mlp_params": unique_params(model, ".mlp.")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--ffn", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--ghost-dim", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=1234)
+    args = ap.parse_args()
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if gpu else "gloo", timeout=datetime.timedelta(minutes=10))
+    device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
+    args.tp = dist.get_world_size()
+    from megatron.core import parallel_state
+    from phantom_plugin import cost
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
+    if args.steps <= args.warmup:
+        raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    data = stdlib_bytes(4_000_000)
+    split = int(0.95 * data.numel())
+    train = make_batches(data[:split], args.steps, args.batch, args.seq, args.seed)
+    evals = make_batches(data[split:], 8, args.batch, args.seq, args.seed + 1)
+    results = [run(args, False, train, evals, device), run(args, True, train, evals, device)]
+    if dist.get_rank() == 0:
+        tokens, L = args.batch * args.seq, args.layers
+        backend = "nccl" if gpu else "gloo"
+        tp_mlp = cost.tp_mlp_cost(args.hidden, args.ffn, p=args.tp, tokens=tokens).bytes_sent * L
+        ph_mlp = cost.phantom_mlp_cost(args.hidden, args.ffn, p=args.tp, k=args.ghost_dim, tokens=tokens,
+                                       backend=backend).bytes_sent * L
+        print(f"\nGPT: {L} layers, h={args.hidden}, ffn={args.ffn}, heads={args.heads}, seq={args.seq}, "
+              f"batch={args.batch}, TP={args.tp}, {args.steps} steps, corpus {data.numel():,} stdlib bytes, "
+              f"{'NCCL ' + torch.cuda.get_device_name() if gpu else 'gloo CPU'}")
+        # the non-MLP traffic (TP attention, vocab-parallel embedding and loss) is the same in both
+        # runs, so TP's MLP bytes are its total minus the phantom run's non-MLP bytes
+        ph = results[1]
+        other = ph["bytes_per_step"] - ph["phantom_mlp_bytes_per_step"]
+        results[0]["mlp_bytes"], ph["mlp_bytes"] = results[0]["bytes_per_step"] - other, ph["phantom_mlp_bytes_per_step"]
+        print("| MLPs | first loss | train loss (last 10 steps) | held-out loss | tokens/s | "
+              "MB sent/step/rank (all) | MB sent/step/rank (MLPs) | params | MLP params |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            print(f"| {r['name']} | {r['loss_first']:.3f} | {r['loss_last10']:.3f} | {r['eval_loss']:.3f} | "
+                  f"{r['tokens_per_s']:,.0f} | {r['bytes_per_step'] / 1e6:.2f} | {r['mlp_bytes'] / 1e6:.2f} | "
+                  f"{r['params']:,} | {r['mlp_params']:,} |")
+        print(f"cost model ({backend}), MLP MB/step/rank: TP {tp_mlp / 1e6:.2f}, phantom {ph_mlp / 1e6:.2f}"
+              + ("; gloo runs reduce-scatter as an all-reduce plus slice, so the ghost-gradient "
+                 "reduce-scatters cost twice what NCCL's ring would" if backend == "gloo" else ""))
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Megatron-LM entry points: ``--spec integrations.megatron_lm.phantom_spec phantom_layer_spec``."""

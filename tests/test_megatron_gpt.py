@@ -1,0 +1,204 @@
+"""Megatron-core GPT models with phantom MLPs on real gloo ranks (CPU).
+
+One 2-rank spawn (TP=2) covers training, grad-norm clipping, conversion and the single-pipeline
+reference; one 4-rank spawn runs TP=2 x PP=2 with a hand-written send/recv pipeline step (megatron's
+own schedules hard-code CUDA). Starting ranks that import megatron costs seconds each, hence the
+module-scoped fixtures.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dist_utils import run_ranks
+
+pytest.importorskip("megatron.core")
+
+SEQ, BATCH = 16, 4
+
+
+def _phantom_spec(k=4):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from phantom_plugin.megatron import with_phantom_mlp
+    return with_phantom_mlp(get_gpt_layer_local_spec(), ghost_dim=k)
+
+
+def _train(rank, world):
+    """TP=2 GPT built from with_phantom_mlp(get_gpt_layer_local_spec()) trains on stdlib bytes."""
+    import torch
+    import megatron_utils as mu
+    from phantom_plugin.megatron import PhantomMLP
+    torch.manual_seed(0)
+    model = mu.build_gpt(mu.make_config(world), _phantom_spec(), seq=SEQ)
+    assert all(isinstance(layer.mlp, PhantomMLP) for layer in model.decoder.layers)
+    hidden = []
+    model.decoder.register_forward_hook(lambda m, i, out: hidden.append(out.detach()))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for tok, lab, pos in mu.batches(8, BATCH, SEQ):
+        loss = mu.gpt_loss(model, tok, lab, pos)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"losses": losses, "hidden": hidden[-1].numpy()}
+
+
+def _grad_norm(rank, world):
+    """Megatron's grad-norm path (its parameter filter and get_grad_norm_fp32) against all grads."""
+    import torch
+    import megatron_utils as mu
+    from megatron.core import parallel_state
+    from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+    model = mu.build_gpt(mu.make_config(world), _phantom_spec(), seq=SEQ)
+    tok, lab, pos = mu.batches(1, BATCH, SEQ)[0]
+    mu.gpt_loss(model, tok, lab, pos).backward()
+    grads = [p.grad for p in model.parameters()
+             if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
+    # norm_type 3: megatron's 2-norm path allocates on CUDA; the counting logic is the same
+    norm = get_grad_norm_fp32(grads, norm_type=3,
+                              grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    phantom = {n: bool(getattr(p, "tensor_model_parallel", False)) for n, p in model.named_parameters()
+               if ".mlp." in n}
+    return {"norm": norm, "phantom_tp_attr": phantom,
+            "grads": {n: p.grad.numpy().copy() for n, p in model.named_parameters()}}
+
+
+def _convert(rank, world):
+    """Stock TP=2 GPT (SwiGLU, bias) -> phantom by SVD -> dense again; logits follow exactly at k=h/p."""
+    import torch
+    import torch.nn.functional as F
+    import megatron_utils as mu
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from phantom_plugin.megatron import PhantomMLP, convert_to_dense, convert_to_phantom
+    cfg = mu.make_config(world, gated_linear_unit=True, activation_func=F.silu)
+    tok, lab, pos = mu.batches(1, BATCH, SEQ)[0]
+    out = {}
+    for k in (16, 2):                                   # 16 = h/p: exact; 2: lossy, reported
+        torch.manual_seed(5)
+        model = mu.build_gpt(cfg, get_gpt_layer_local_spec(), seq=SEQ)
+        mu.set_params_by_name(model, rank, scale=0.1)
+        with torch.no_grad():
+            before = model(tok, pos, None)
+            report = convert_to_phantom(model, ghost_dim=k)
+            assert all(isinstance(layer.mlp, PhantomMLP) for layer in model.decoder.layers)
+            after = model(tok, pos, None)
+            assert convert_to_dense(model) == 2
+            back = model(tok, pos, None)
+        out[k] = {"report": [(r.fc1_error, r.fc2_error, r.dense_params, r.phantom_params, str(r))
+                             for r in report],
+                  "phantom_vs_stock": (after - before).abs().max().item(),
+                  "dense_vs_phantom": (back - after).abs().max().item(),
+                  "scale": before.abs().max().item()}
+    return out
+
+
+def _single_pipeline(rank, world):
+    """The TP=2, PP=1 reference for the TP=2 x PP=2 run: same weights (by global name), one step."""
+    import megatron_utils as mu
+    model = mu.build_gpt(mu.make_config(world), _phantom_spec(), seq=SEQ)
+    mu.set_params_by_name(model, rank)
+    tok, lab, pos = mu.batches(1, BATCH, SEQ)[0]
+    loss = mu.gpt_loss(model, tok, lab, pos)
+    loss.backward()
+    return {"loss": loss.item(), "tp_rank": rank,
+            "grads": {n: p.grad.numpy().copy() for n, p in model.named_parameters()}}
+
+
+def _tp2_all(rank, world):
+    import megatron_utils as mu
+    mu.init_megatron(world)
+    return {"train": _train(rank, world), "norm": _grad_norm(rank, world),
+            "convert": _convert(rank, world), "pp_ref": _single_pipeline(rank, world)}
+
+
+def _tp2_pp2(rank, world):
+    import torch
+    import torch.distributed as dist
+    import megatron_utils as mu
+    from megatron.core import parallel_state as ps
+    mu.init_megatron(2, pp=2)
+    pp_rank, tp_rank = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    first, last = pp_rank == 0, pp_rank == 1
+    cfg = mu.make_config(2, pp=2)
+    model = mu.build_gpt(cfg, _phantom_spec(), seq=SEQ, pre_process=first, post_process=last)
+    offset = pp_rank * cfg.num_layers // 2
+    mu.set_params_by_name(model, tp_rank, layer_offset=offset)
+    tok, lab, pos = mu.batches(1, BATCH, SEQ)[0]
+    loss = None
+    if first:
+        act = model(tok, pos, None)                                    # [s, b, h]
+        dist.send(act.detach().contiguous(), ps.get_pipeline_model_parallel_next_rank())
+        grad = torch.empty_like(act)
+        dist.recv(grad, ps.get_pipeline_model_parallel_next_rank())
+        act.backward(grad)
+    else:
+        act = torch.empty(SEQ, BATCH, cfg.hidden_size)
+        dist.recv(act, ps.get_pipeline_model_parallel_prev_rank())
+        act.requires_grad_(True)
+        model.set_input_tensor(act)
+        loss = mu.gpt_loss(model, None, lab, pos)
+        loss.backward()
+        dist.send(act.grad.contiguous(), ps.get_pipeline_model_parallel_prev_rank())
+        loss = loss.item()
+    return {"loss": loss, "tp_rank": tp_rank, "pp_rank": pp_rank,
+            "grads": {mu.global_name(n, offset): p.grad.numpy().copy() for n, p in model.named_parameters()}}
+
+
+@pytest.fixture(scope="module")
+def tp2():
+    return run_ranks(_tp2_all, 2)
+
+
+def test_tp2_gpt_trains_with_falling_loss_and_identical_hidden_states(tp2):
+    a, b = (r["train"] for r in tp2)
+    assert a["losses"] == b["losses"]
+    assert a["losses"][-1] < a["losses"][0] - 0.3, a["losses"]
+    assert np.array_equal(a["hidden"], b["hidden"])                  # replicated residual stream
+
+
+def test_grad_norm_counts_phantom_parameters_on_every_rank(tp2):
+    norms = [r["norm"] for r in tp2]
+    assert all(all(r["phantom_tp_attr"].values()) for r in norms) and norms[0]["phantom_tp_attr"]
+    g0, g1 = norms[0]["grads"], norms[1]["grads"]
+    total, sharded = 0.0, 0
+    for name in g0:                                   # replicated grads once, sharded ones from both
+        same = g0[name].shape == g1[name].shape and np.allclose(g0[name], g1[name], rtol=1e-6, atol=1e-9)
+        parts = [g0[name]] if same else [g0[name], g1[name]]
+        sharded += not same
+        total += sum(float((np.abs(p.astype(np.float64)) ** 3).sum()) for p in parts)
+    assert sharded >= 8
+    ref = total ** (1 / 3)
+    for r in norms:
+        assert abs(r["norm"] - ref) < 1e-4 * ref, (r["norm"], ref)
+
+
+def test_convert_trained_tp_mlps_to_phantom_and_back(tp2):
+    for r in tp2:
+        exact, lossy = r["convert"][16], r["convert"][2]
+        assert len(exact["report"]) == 2 and len(lossy["report"]) == 2
+        assert all(e1 < 1e-6 and e2 < 1e-6 for e1, e2, *_ in exact["report"])
+        assert exact["phantom_vs_stock"] < 1e-4 * max(1.0, exact["scale"])
+        assert all(e1 > 1e-2 and e2 > 1e-2 for e1, e2, *_ in lossy["report"])
+        assert all(pp < dp for *_, dp, pp, _ in lossy["report"])             # fewer parameters
+        for case in (exact, lossy):                                           # phantom -> dense is exact
+            assert case["dense_vs_phantom"] < 1e-4 * max(1.0, case["scale"])
+        assert "fc1 error" in lossy["report"][0][4]
+
+
+def test_tp2_pp2_step_matches_single_pipeline(tp2):
+    pp = run_ranks(_tp2_pp2, 4, timeout=240)
+    ref = {r["pp_ref"]["tp_rank"]: r["pp_ref"] for r in tp2}
+    losses = [r["loss"] for r in pp if r["pp_rank"] == 1]
+    assert len(losses) == 2
+    for loss in losses:
+        assert abs(loss - ref[0]["loss"]) < 1e-5 * abs(ref[0]["loss"]), (loss, ref[0]["loss"])
+    checked = 0
+    for r in pp:
+        for name, g in r["grads"].items():
+            expected = ref[r["tp_rank"]]["grads"][name]
+            assert np.allclose(g, expected, rtol=1e-4, atol=1e-6), name
+            checked += ".mlp." in name
+    assert checked >= 8                              # phantom grads of both stages compared
