@@ -3,7 +3,7 @@
 Importing this package has no side effects and does not import megatron or deepspeed; their
 adapters live in ``phantom_plugin.megatron`` and ``phantom_plugin.deepspeed``.
 """
-from . import comm, cost
+from . import comm, convert, cost
 from .comm import COUNTER
 from .config import PhantomConfig
 from .layers import PhantomFFN, PhantomLinear, mark_tensor_parallel
@@ -13,6 +13,6 @@ from .ops import (gather_from_group, hidden_to_sequence, phantom_linear, scatter
 __all__ = [
     "PhantomLinear", "PhantomFFN", "PhantomConfig", "phantom_linear", "scatter_to_group",
     "gather_from_group", "sequence_to_hidden", "hidden_to_sequence", "mark_tensor_parallel",
-    "comm", "cost", "COUNTER",
+    "comm", "convert", "cost", "COUNTER",
 ]
 __version__ = "0.1.0"

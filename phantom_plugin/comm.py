@@ -52,39 +52,54 @@ class CommRecord:
 
 
 class CommCounter:
-    """Accumulates :class:`CommRecord` s. Not thread-safe; one per process is enough."""
+    """Accumulates :class:`CommRecord` s. Not thread-safe; one per process is enough.
 
-    def __init__(self) -> None:
+    Totals (:attr:`sent_bytes`, :meth:`by_op`) cover every call since the last :meth:`reset`.
+    The record list keeps at most ``max_records`` entries (the oldest half is dropped when it
+    overflows), so a long training run does not grow it without bound; :meth:`window` still
+    returns every record of its block unless the block alone overflows the cap.
+    """
+
+    def __init__(self, max_records: int = 100_000) -> None:
         self.records: list[CommRecord] = []
         self.enabled = True
+        self.max_records = max_records
+        self._dropped = 0
+        self._bytes_by_op: dict[str, int] = {}
 
     def add(self, record: CommRecord) -> None:
-        if self.enabled:
-            self.records.append(record)
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self._bytes_by_op[record.op] = self._bytes_by_op.get(record.op, 0) + record.sent_bytes
+        if len(self.records) > self.max_records:
+            drop = len(self.records) // 2
+            del self.records[:drop]
+            self._dropped += drop
 
     def reset(self) -> None:
+        self._dropped += len(self.records)
         self.records.clear()
+        self._bytes_by_op.clear()
 
     @property
     def sent_bytes(self) -> int:
-        return sum(r.sent_bytes for r in self.records)
+        """Bytes this rank sent since the last reset."""
+        return sum(self._bytes_by_op.values())
 
     def by_op(self) -> dict[str, int]:
-        """Bytes sent per op name."""
-        out: dict[str, int] = {}
-        for r in self.records:
-            out[r.op] = out.get(r.op, 0) + r.sent_bytes
-        return out
+        """Bytes sent per op name since the last reset."""
+        return dict(self._bytes_by_op)
 
     @contextlib.contextmanager
     def window(self) -> Iterator[list[CommRecord]]:
         """Collect the records issued inside the ``with`` block into the yielded list."""
-        start = len(self.records)
+        start = self._dropped + len(self.records)
         out: list[CommRecord] = []
         try:
             yield out
         finally:
-            out.extend(self.records[start:])
+            out.extend(self.records[max(0, start - self._dropped):])
 
 
 COUNTER = CommCounter()
@@ -113,6 +128,7 @@ class _Backend:
     reduce_scatter_tensor: Callable
     all_reduce: Callable
     all_to_all_single: Callable
+    wire_dtype: Optional[torch.dtype] = None   # floating tensors travel in this dtype
 
 
 def _torch_backend() -> _Backend:
@@ -132,12 +148,15 @@ def use_backend(module) -> Iterator[None]:
     """Route collectives through ``module`` (e.g. ``deepspeed.comm``) inside the block.
 
     ``module`` must provide ``all_gather_into_tensor``, ``reduce_scatter_tensor``,
-    ``all_reduce`` and ``all_to_all_single`` with torch.distributed's signatures.
+    ``all_reduce`` and ``all_to_all_single`` with torch.distributed's signatures. A module with a
+    ``wire_dtype`` attribute (a backend that casts floating tensors for the wire) has its bytes
+    counted at that dtype.
     """
     global _BACKEND
     previous = _BACKEND
     _BACKEND = _Backend(getattr(module, "__name__", str(module)), module.all_gather_into_tensor,
-                        module.reduce_scatter_tensor, module.all_reduce, module.all_to_all_single)
+                        module.reduce_scatter_tensor, module.all_reduce, module.all_to_all_single,
+                        getattr(module, "wire_dtype", None))
     try:
         yield
     finally:
@@ -171,7 +190,8 @@ class Handle:
 
 
 def _record(op: str, algorithm: str, p: int, t: torch.Tensor, chunks_sent: int, tag: str) -> None:
-    payload = t.numel() * t.element_size()
+    wire = _BACKEND.wire_dtype if t.is_floating_point() else None
+    payload = t.numel() * (t.element_size() if wire is None else torch.tensor([], dtype=wire).element_size())
     COUNTER.add(CommRecord(op, algorithm, p, t.numel(), t.dtype, payload,
                            payload // p * chunks_sent, tag))
 

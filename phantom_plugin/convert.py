@@ -1,0 +1,276 @@
+"""Swap dense MLPs for phantom ones by module name (framework-free).
+
+:func:`convert_modules` finds the modules whose dotted name matches one of a list of regular
+expressions (``re.search``; the outermost match wins, its descendants are not considered) and
+replaces their ``nn.Linear`` children **in place** with :class:`PhantomEdgeLinear` modules. The
+matched module object itself is kept, so its own ``forward``, and references to it held elsewhere
+(a DeepSpeed ``PipelineModule``'s layer list), keep working. Convertible modules:
+
+* ``nn.Sequential`` of ``nn.Linear`` and elementwise activations (ReLU, GELU, SiLU, Tanh, Dropout, ...);
+* MLPs with ``nn.Linear`` children ``fc1 -> fc2``, ``up_proj(, gate_proj) -> down_proj``,
+  ``dense_h_to_4h -> dense_4h_to_h`` or ``w1(, w3) -> w2``, whose forward applies only
+  elementwise operations (activation, gating product, dropout) between the two layers.
+
+A converted MLP is a drop-in (``PHANTOM_MATH.md``, "Inside a transformer MLP"): the first
+layer(s) take this rank's slice of the replicated input (``scatter_to_group``), activations stay
+sharded ``[*, n/p]`` in between, the last layer all-gathers its output (``gather_from_group``).
+
+Weights: by default each phantom layer is the best rank-``k`` approximation of the dense weight
+(:meth:`PhantomLinear.from_dense`, truncated SVD; exact when ``k = n_in/p``), which needs the
+dense weights identical on every rank of the group; that is checked with one small all-gather.
+``init="random"`` draws fresh phantom weights from a seed instead.
+
+Every argument is checked before the first collective; a matched module that cannot be
+converted is an error naming it, a pattern that matches nothing a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import warnings
+import zlib
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from . import comm, ops
+from .checks import resolve_group
+from .layers import PhantomLinear
+
+__all__ = ["PhantomEdgeLinear", "Conversion", "convert_modules", "find_matches", "ELEMENTWISE",
+           "MLP_CHILDREN"]
+
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout,
+               nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardswish,
+               nn.Hardtanh, nn.Hardsigmoid)
+"""Module types allowed between the ``nn.Linear`` layers of a converted ``nn.Sequential``."""
+
+MLP_CHILDREN: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
+    (("fc1",), (), "fc2"),
+    (("up_proj",), ("gate_proj",), "down_proj"),
+    (("dense_h_to_4h",), (), "dense_4h_to_h"),
+    (("w1",), ("w3",), "w2"),
+)
+"""Recognised MLP layouts: (required input layers, optional input layers, output layer)."""
+
+_EXPECTED = ("an nn.Sequential of nn.Linear and elementwise activations, or a module with nn.Linear "
+             "children fc1/fc2, up_proj/down_proj(/gate_proj), dense_h_to_4h/dense_4h_to_h or "
+             "w1/w2(/w3)")
+
+
+class PhantomEdgeLinear(nn.Module):
+    """A :class:`PhantomLinear` with the region ops of the block edge it sits on.
+
+    ``scatter_input``: input ``[*, n_in]`` replicated -> own slice (backward: all-gather of the
+    grad). ``gather_output``: output shard ``[*, n_out/p]`` -> ``[*, n_out]`` all-gathered
+    (backward: own slice). Without either, input ``[*, n_in/p]`` and output ``[*, n_out/p]``.
+    """
+
+    def __init__(self, phantom: PhantomLinear, *, scatter_input: bool, gather_output: bool):
+        super().__init__()
+        self.phantom, self.scatter_input, self.gather_output = phantom, scatter_input, gather_output
+        self.in_features, self.out_features = phantom.in_features, phantom.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.phantom.group
+        if self.scatter_input:
+            x = ops.scatter_to_group(x, group)                            # [*, n_in/p]
+        y = self.phantom(x)                                               # [*, n_out/p]
+        return ops.gather_from_group(y, group) if self.gather_output else y
+
+    def extra_repr(self) -> str:
+        return f"scatter_input={self.scatter_input}, gather_output={self.gather_output}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """One converted module: its name, layout, converted children and SVD error.
+
+    ``approx_error`` is the largest relative Frobenius error ``||W - W_phantom|| / ||W||`` over
+    its layers (``None`` with ``init="random"``).
+    """
+    name: str
+    kind: str
+    children: tuple[str, ...]
+    approx_error: Optional[float]
+
+
+@dataclasses.dataclass
+class _Plan:
+    name: str
+    module: nn.Module
+    kind: str
+    layers: list[tuple[str, nn.Linear, bool, bool]]   # (child name, linear, scatter_in, gather_out)
+
+
+def _plan_sequential(name: str, seq: nn.Sequential) -> _Plan:
+    children = list(seq.named_children())
+    linears = [(c, m) for c, m in children if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"module '{name}' (nn.Sequential) matched target_modules but holds no "
+                         f"nn.Linear; expected {_EXPECTED}. Narrow the pattern")
+    for c, m in children:
+        if not isinstance(m, (nn.Linear,) + ELEMENTWISE):
+            raise ValueError(
+                f"module '{name}' matched target_modules but child '{c}' ({type(m).__name__}) is "
+                f"not an nn.Linear or an elementwise activation, so the sharded activations in "
+                f"between cannot pass through it; expected {_EXPECTED}. Narrow the pattern")
+    for (c0, a), (c1, b) in zip(linears, linears[1:]):
+        if a.out_features != b.in_features:
+            raise ValueError(f"module '{name}': '{c0}' has out_features={a.out_features} but the "
+                             f"next nn.Linear '{c1}' has in_features={b.in_features}")
+    last = len(linears) - 1
+    return _Plan(name, seq, "sequential",
+                 [(c, m, i == 0, i == last) for i, (c, m) in enumerate(linears)])
+
+
+def _plan_mlp(name: str, module: nn.Module) -> Optional[_Plan]:
+    kids = dict(module.named_children())
+    for required, optional, out in MLP_CHILDREN:
+        if not all(c in kids for c in required + (out,)):
+            continue
+        ins = list(required) + [c for c in optional if c in kids]
+        for c in ins + [out]:
+            if not isinstance(kids[c], nn.Linear):
+                raise ValueError(f"module '{name}' matched target_modules but its child '{c}' is "
+                                 f"{type(kids[c]).__name__}, not nn.Linear; only plain nn.Linear "
+                                 "layers are converted. Narrow the pattern")
+        for c in ins[1:]:
+            if (kids[c].in_features, kids[c].out_features) != (kids[ins[0]].in_features, kids[ins[0]].out_features):
+                raise ValueError(f"module '{name}': '{c}' and '{ins[0]}' differ in shape")
+        if kids[ins[0]].out_features != kids[out].in_features:
+            raise ValueError(f"module '{name}': '{ins[0]}' has out_features="
+                             f"{kids[ins[0]].out_features} but '{out}' has in_features="
+                             f"{kids[out].in_features}")
+        return _Plan(name, module, "mlp",
+                     [(c, kids[c], True, False) for c in ins] + [(out, kids[out], False, True)])
+    return None
+
+
+def _plan(name: str, module: nn.Module) -> _Plan:
+    shown = name or "<root>"
+    if isinstance(module, nn.Sequential):
+        return _plan_sequential(shown, module)
+    plan = _plan_mlp(shown, module)
+    if plan is None:
+        raise ValueError(f"module '{shown}' ({type(module).__name__}) matched target_modules but "
+                         f"cannot be converted: expected {_EXPECTED}. Narrow the pattern so it "
+                         "matches only such modules")
+    return plan
+
+
+def _check_sizes(plan: _Plan, p: int, k: int) -> None:
+    for child, lin, _, _ in plan.layers:
+        where = f"module '{plan.name}', layer '{child}' ({lin.in_features} -> {lin.out_features})"
+        for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
+            if n % p:
+                raise ValueError(f"{where}: {what}={n} is not divisible by the phantom group "
+                                 f"size {p}; choose a size that divides it")
+        if p > 1 and k > lin.in_features // p:
+            raise ValueError(f"{where}: ghost_neurons={k} exceeds in_features/size = "
+                             f"{lin.in_features}/{p} = {lin.in_features // p}; lower ghost_neurons "
+                             "(k = in_features/size is already exact)")
+
+
+def _check_same_weights(plans: Sequence[_Plan], group, p: int) -> None:
+    """One all-gather of weight checksums: SVD init needs identical dense weights on every rank."""
+    if p == 1:
+        return
+    sums = []
+    for plan in plans:
+        for _, lin, _, _ in plan.layers:
+            w = lin.weight.detach().to("cpu", torch.float64)
+            sums += [w.sum(), w.abs().sum()]
+    mine = torch.stack(sums).to(comm.collective_device(group))
+    table = comm.all_gather(mine, group, tag="setup_check").cpu()          # [p, 2 * layers]
+    bad = (table != table[0]).any(dim=1).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"ranks {bad} of the phantom group hold different dense weights than its "
+                         "rank 0, so SVD initialisation would disagree across ranks; seed torch "
+                         "identically on every rank before building the model "
+                         "(torch.manual_seed(s)), or initialise phantom layers randomly")
+
+
+def _seed_for(seed: int, name: str) -> int:
+    return (seed + zlib.crc32(name.encode())) % (2 ** 31 - 1)
+
+
+def _build(lin: nn.Linear, full_name: str, k: int, group, init: str, seed: int) -> PhantomLinear:
+    if init == "dense":
+        return PhantomLinear.from_dense(lin.weight, lin.bias, ghost_dim=k, group=group)
+    with torch.no_grad():
+        return PhantomLinear(lin.in_features, lin.out_features, ghost_dim=k, group=group,
+                             bias=lin.bias is not None, device=lin.weight.device,
+                             dtype=lin.weight.dtype, seed=_seed_for(seed, full_name))
+
+
+def find_matches(model: nn.Module, patterns: Iterable[str]) -> tuple[list[tuple[str, nn.Module]], list[str]]:
+    """Outermost modules whose name ``re.search``-matches a pattern, and the patterns matching none."""
+    compiled = [(p, re.compile(p)) for p in patterns]
+    hits: list[tuple[str, nn.Module]] = []
+    used: set[str] = set()
+    for name, module in model.named_modules():
+        if any(name.startswith(h + ".") or h == "" for h, _ in hits):
+            continue
+        matching = [p for p, rx in compiled if rx.search(name)]
+        if matching:
+            hits.append((name, module))
+            used.update(matching)
+    return hits, [p for p, _ in compiled if p not in used]
+
+
+def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int,
+                    group: Optional[dist.ProcessGroup] = None, init: str = "dense",
+                    seed: int = 0, warn_unmatched: bool = True) -> list[Conversion]:
+    """Replace the ``nn.Linear`` layers of the modules matching ``patterns`` with phantom ones.
+
+    Args:
+        model: modified in place; call it identically on every rank of ``group``.
+        patterns: regular expressions searched in dotted module names (``"mlp"`` matches
+            ``layers.3.mlp``). The root module has the name ``""`` (matched by ``"^$"``).
+        ghost_dim: ``k``, ghost neurons per rank of every converted layer.
+        group: the phantom group (``None``: the world group, or ``p = 1`` without torch.distributed).
+        init: ``"dense"`` (truncated SVD of the existing weights) or ``"random"`` (seeded).
+        seed: base seed for ``init="random"`` (each layer adds a hash of its name).
+        warn_unmatched: warn about patterns that match no module (off for one pipeline stage,
+            which holds only part of the model).
+
+    Returns one :class:`Conversion` per converted module. Collectives: one small all-gather of
+    weight checksums (``init="dense"``), then each ``PhantomLinear``'s own setup collectives.
+    """
+    if init not in ("dense", "random"):
+        raise ValueError(f"convert_modules: init must be 'dense' or 'random', got {init!r}")
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    for pat in patterns:
+        try:
+            re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"target_modules: {pat!r} is not a valid regular expression ({e})") from e
+    p, _ = resolve_group(group, "convert_modules")
+    matches, unused = find_matches(model, patterns)
+    for pat in unused if warn_unmatched else ():
+        warnings.warn(f"target_modules pattern {pat!r} matches no module name; check the names "
+                      "with [n for n, _ in model.named_modules()]", stacklevel=2)
+    plans = [_plan(name, module) for name, module in matches]
+    for plan in plans:
+        _check_sizes(plan, p, ghost_dim)
+    # --- every check passed on every rank: collectives from here on ---------------------------
+    if init == "dense" and plans:
+        _check_same_weights(plans, group, p)
+    done = []
+    for plan in plans:
+        errors = []
+        for child, lin, scatter_in, gather_out in plan.layers:
+            full = f"{plan.name}.{child}" if plan.name else child
+            phantom = _build(lin, full, ghost_dim, group, init, seed)
+            if phantom.approx_error is not None:
+                errors.append(phantom.approx_error)
+            phantom.requires_grad_(lin.weight.requires_grad)
+            setattr(plan.module, child, PhantomEdgeLinear(phantom, scatter_input=scatter_in,
+                                                          gather_output=gather_out))
+        done.append(Conversion(plan.name, plan.kind, tuple(c for c, *_ in plan.layers),
+                               max(errors) if errors else None))
+    return done

@@ -1,0 +1,150 @@
+"""The ``"phantom_parallel"`` section of a DeepSpeed JSON config.
+
+Validated like DeepSpeed's own sections (a ``DeepSpeedConfigModel``: pydantic v2, unknown keys
+forbidden), but strictly: ``"auto"``, strings for numbers and numbers for booleans are errors
+here, not silently replaced. :func:`load_section` turns every problem into one
+:class:`PhantomConfigError` whose lines each name the field (``phantom_parallel.size: ...``) and
+say how to fix it. :func:`check_run` adds the checks that need the world size and the rest of the
+DeepSpeed config. Neither touches torch.distributed: both run before any process group exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Literal, Optional, Union
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
+
+__all__ = ["SECTION", "PhantomParallelConfig", "PhantomConfigError", "load_section", "load_ds_config",
+           "check_run", "world_size_from_env"]
+
+SECTION = "phantom_parallel"
+
+_HELP = {
+    "enabled": "use true or false (false, or no section, leaves DeepSpeed untouched)",
+    "size": "use an integer >= 1 that divides the number of ranks (ranks per phantom group)",
+    "ghost_neurons": "use an integer k with 1 <= k <= in_features/size (ghost neurons per rank and layer)",
+    "target_modules": "use a non-empty list of regular expressions over module names, e.g. [\"mlp\"]",
+    "init_from_dense": "use true (truncated SVD of the dense weights) or false (fresh seeded weights)",
+    "seed": "use an integer (seed of fresh phantom weights when init_from_dense is false)",
+    "comm_dtype": "use null (the layers' dtype), \"fp32\", \"bf16\" or \"fp16\"",
+    "log_interval": "use an integer >= 0, optimizer steps between monitor events (0: off)",
+}
+
+
+class PhantomConfigError(ValueError):
+    """A bad ``phantom_parallel`` section; the message has one line per problem."""
+
+
+class PhantomParallelConfig(DeepSpeedConfigModel):
+    """``"phantom_parallel": {...}``; see ``docs/deepspeed.md`` for each field."""
+
+    enabled: StrictBool = False
+    size: StrictInt = Field(2, ge=1)
+    ghost_neurons: Optional[StrictInt] = Field(None, ge=1)
+    target_modules: list[StrictStr] = Field(default_factory=list)
+    init_from_dense: StrictBool = True
+    seed: StrictInt = 0
+    comm_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    log_interval: StrictInt = Field(0, ge=0)
+
+    def __init__(self, **data):
+        super().__init__(strict=True, **data)     # keep "auto" so that it is rejected
+
+    @field_validator("target_modules")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        for i, pat in enumerate(value):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ValueError(f"entry {i} {pat!r} is not a valid regular expression ({e})") from e
+        return value
+
+    @model_validator(mode="after")
+    def _required_when_enabled(self) -> "PhantomParallelConfig":
+        if self.enabled:
+            missing = [f for f in ("ghost_neurons", "target_modules") if not getattr(self, f)]
+            if missing:
+                raise ValueError("required when enabled: " + ", ".join(missing))
+        return self
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(x) for x in e["loc"] if not isinstance(x, int)) or None
+        msg = e["msg"].removeprefix("Value error, ")
+        if field is None:       # model-level: name the missing fields
+            names = msg.split(": ", 1)[-1].split(", ") if "required when enabled" in msg else []
+            lines += [f"{SECTION}.{n}: required when enabled is true; {_HELP[n]}" for n in names] or [f"{SECTION}: {msg}"]
+            continue
+        top = field.split(".")[0]
+        got = f" (got {e['input']!r})" if "input" in e and e["type"] != "missing" else ""
+        hint = _HELP.get(top)
+        if e["type"] == "extra_forbidden":
+            hint = "remove it; allowed keys: " + ", ".join(PhantomParallelConfig.model_fields)
+        lines.append(f"{SECTION}.{field}: {msg}{got}" + (f"; {hint}" if hint else ""))
+    return "\n".join(lines)
+
+
+def load_ds_config(config: Union[str, os.PathLike, dict, None]) -> dict:
+    """The DeepSpeed config as a dict (a path is read as JSON)."""
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    with open(config, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_section(config: Union[str, os.PathLike, dict, None]) -> Optional[PhantomParallelConfig]:
+    """The validated section, or ``None`` when absent. Raises :class:`PhantomConfigError`."""
+    ds = load_ds_config(config)
+    section: Any = ds.get(SECTION)
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise PhantomConfigError(f"{SECTION}: must be a JSON object, got {type(section).__name__}")
+    try:
+        return PhantomParallelConfig(**section)
+    except ValidationError as e:
+        raise PhantomConfigError("invalid DeepSpeed config section:\n" + _format(e)) from None
+
+
+def world_size_from_env() -> int:
+    """World size without a process group: torch.distributed if initialized, else ``WORLD_SIZE``."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_run(cfg: PhantomParallelConfig, ds: dict, world_size: int, *, pipeline: bool,
+              pipe_stages: int = 1) -> None:
+    """Checks against the world size and the other sections; raises :class:`PhantomConfigError`."""
+    errors = []
+    ranks = world_size // max(pipe_stages, 1)
+    if world_size % (cfg.size * pipe_stages):
+        what = f"pipeline stages x size = {pipe_stages} x {cfg.size}" if pipeline else f"size={cfg.size}"
+        errors.append(f"{SECTION}.size: {what} does not divide the {world_size} ranks; choose a size "
+                      f"that divides {ranks}")
+    if (ds.get("tensor_parallel") or {}).get("autotp_size", 0) not in (0, 1):
+        errors.append(f"tensor_parallel.autotp_size: AutoTP and {SECTION} both shard the model; "
+                      "remove one of the two sections")
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        errors.append(f"zero_optimization.stage: {stage} is not supported with {SECTION} "
+                      "(ZeRO-3 gathers parameters the phantom layers keep sharded); use 0, 1 or 2")
+    if pipeline:
+        pipe = ds.get("pipeline") or {}
+        for key in ("pipe_partitioned", "grad_partitioned"):
+            if pipe.get(key) is True:
+                errors.append(f"pipeline.{key}: true assumes stage-boundary activations are "
+                              f"identical across the model axis, which phantom-sharded ones are "
+                              f"not (silently wrong results); set it to false or leave it out "
+                              f"({SECTION} turns it off)")
+    if errors:
+        raise PhantomConfigError("invalid DeepSpeed config for phantom parallelism:\n" + "\n".join(errors))

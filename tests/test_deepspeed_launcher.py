@@ -1,0 +1,381 @@
+"""The DeepSpeed adapter under the real ``deepspeed`` launcher (CPU accelerator, gloo).
+
+Each test starts ``deepspeed --num_gpus N`` on this file; the ranks run one ``--case`` (the code
+under ``if __name__ == "__main__"``), write ``rank<r>.json`` and the test reads them. Several
+engines are built one after another inside one launch, because starting ranks costs more than
+the checks. References: the same dense model (same initial weights, same batches, AdamW, the same
+gradient clipping) trained in float64 in each rank's own process. With
+``ghost_neurons = width/size`` every phantom layer is exact, so the fp32 DeepSpeed losses agree
+with it to float32 rounding over a few steps (rtol 1e-4); the clipping threshold is below the
+gradient norm, so a wrong global grad norm changes every update and fails the comparison.
+
+The first launch on a machine JIT-builds DeepSpeed's shared-memory op (~60 s, cached in
+~/.cache/torch_extensions): the timeouts allow for it.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+D_IN, WIDTH, D_OUT, MICRO, LR, CLIP = 8, 16, 4, 4, 1e-2, 0.05
+
+
+# ============================== launcher side (pytest) ======================================
+
+def launch(n: int, script: Path, args: list[str], timeout: float = 420, expect_fail: bool = False) -> str:
+    """Run ``deepspeed --num_gpus n script args`` on CPU; return its output.
+
+    Fails when the exit code is not what ``expect_fail`` says, or after ``timeout`` seconds
+    (the launcher's process group is killed).
+    """
+    sys.path.insert(0, str(HERE))
+    from dist_utils import free_port
+    runner = Path(sys.executable).parent / "deepspeed"
+    cmd = ([str(runner)] if runner.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"])
+    cmd += ["--num_gpus", str(n), "--master_port", str(free_port()), str(script), *args]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"launcher timed out after {timeout} s:\n{out[-6000:]}")
+    assert (proc.returncode != 0) == expect_fail, f"launcher exit code {proc.returncode}:\n{out[-8000:]}"
+    return out
+
+
+def run_case(case: str, n: int, tmp_path: Path) -> list[dict]:
+    out = launch(n, Path(__file__), ["--case", case, "--out", str(tmp_path)])
+    results = []
+    for r in range(n):
+        f = tmp_path / f"rank{r}.json"
+        assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
+        results.append(json.loads(f.read_text()))
+    return results
+
+
+def _close(a, b, rtol):
+    import numpy as np
+    return np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=rtol, atol=1e-7)
+
+
+def test_two_ranks_exact_comms_monitor_disabled(tmp_path):
+    """size 2 (dp 1): exact match with dense, ghost-sized messages in the comms log, bf16 wire,
+    monitor events, and ``enabled: false`` behaving like plain DeepSpeed."""
+    res = run_case("two", 2, tmp_path)
+    for r in res:
+        assert r["converted"] == ["blocks.0.mlp", "blocks.1.mlp"]
+        assert r["edge_layers"] == 4
+        assert min(r["ref_norms"]) > CLIP, "clipping must be active for the grad-norm check"
+        assert abs(r["exact_losses"][0] - r["dense_loss0"]) < 1e-6 * r["dense_loss0"]
+        assert _close(r["exact_losses"], r["ref_losses"], 1e-4), (r["exact_losses"], r["ref_losses"])
+        assert _close(r["k3_losses"], r["ref_k3_losses"], 1e-4), (r["k3_losses"], r["ref_k3_losses"])
+        assert r["exact_losses"][-1] < 0.8 * r["exact_losses"][0]
+        # comms log: ghost all-gather input [B, k] = 4 x 3 fp32 = 48 bytes, bf16 24 bytes;
+        # ghost reduce-scatter input [p, B, k] = 96 bytes
+        assert r["counter_ghost_numel"] == 2 * MICRO * 3
+        assert r["bf16_losses"][-1] < 0.8 * r["bf16_losses"][0]
+        assert _close(r["bf16_losses"], r["k3_losses"], 2e-2)
+        assert r["monitor_events"] and all(v > 0 for v in r["monitor_events"].values())
+        assert r["disabled_plain"] and _close(r["disabled_losses"], r["ref_dp2_losses"], 1e-4)
+    log = res[0]["comms"]
+    assert "48" in log["all_gather_into_tensor"] and "24" in log["all_gather_into_tensor"], log
+    assert "96" in log["reduce_scatter_tensor"], log
+    assert {"Phantom_seconds_per_step", "Phantom_samples_per_second",
+            "Phantom_comm_bytes_per_step"} <= set(res[0]["csv_files"]), res[0]["csv_files"]
+
+
+def test_phantom_x_data_zero_0_1_2(tmp_path):
+    """4 ranks, size 2 x data 2: ZeRO 0/1/2 give the dense losses and its global grad norm."""
+    res = run_case("zero", 4, tmp_path)
+    for r in res:
+        assert r["phantom_ranks"] == [r["rank"] // 2 * 2, r["rank"] // 2 * 2 + 1]
+        assert r["data_ranks"] == [r["rank"] % 2, r["rank"] % 2 + 2]
+        for stage in ("0", "1", "2"):
+            assert _close(r["losses"][stage], r["ref_losses"], 1e-4), (stage, r["losses"][stage], r["ref_losses"])
+        assert _close(r["losses"]["1"], r["losses"]["2"], 1e-5) and _close(r["losses"]["0"], r["losses"]["2"], 1e-5)
+        for stage in ("1", "2"):     # ZeRO-0 in fp32 does not keep the norm
+            assert _close(r["norms"][stage], r["ref_norms"], 1e-4), (stage, r["norms"][stage], r["ref_norms"])
+
+
+def test_pipe_x_model(tmp_path):
+    """4 ranks, pipe 2 x model 2: boundary partitioning off, losses equal the dense ones."""
+    res = run_case("pipe", 4, tmp_path)
+    for r in res:
+        assert r["pipe_partitioned"] is False and r["grad_partitioned"] is False
+        assert _close(r["losses"], r["ref_losses"], 1e-4), (r["losses"], r["ref_losses"])
+        assert r["losses"][-1] < 0.8 * r["losses"][0]
+    assert sorted(r["converted"] for r in res) == [["1.mlp"]] * 2 + [["2.mlp"]] * 2
+
+
+def test_example_ffn_script_trains(tmp_path):
+    out = launch(2, ROOT / "examples/train_ffn_deepspeed.py",
+                 ["--steps", "30", "--width", "64", "--hidden", "128", "--deepspeed", "--deepspeed_config",
+                  "ds_configs/phantom_ffn.json"])
+    assert "2 module(s) converted" in out, out[-4000:]
+    line = [ln for ln in out.splitlines() if "done: loss" in ln][-1]
+    first, last = (float(v) for v in line.split("done: loss")[1].split("in")[0].split("->"))
+    assert last < 0.7 * first, line
+
+
+def test_example_pipe_script_trains(tmp_path):
+    out = launch(4, ROOT / "examples/train_pipe_deepspeed.py",
+                 ["--steps", "15", "--width", "64", "--hidden", "128", "--depth", "2", "--deepspeed",
+                  "--deepspeed_config", "ds_configs/phantom_pipe.json"])
+    assert "module(s) converted" in out, out[-4000:]
+    line = [ln for ln in out.splitlines() if "done: loss" in ln][-1]
+    first, last = (float(v) for v in line.split("done: loss")[1].split("in")[0].split("->"))
+    assert last < 0.7 * first, line
+
+
+# ============================== rank side (under the launcher) ==============================
+
+def _nets():
+    import torch
+    from torch import nn
+
+    class FcMLP(nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(h, h), nn.GELU(), nn.Linear(h, h)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(x)))
+
+    class Residual(nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.norm, self.mlp = nn.LayerNorm(WIDTH), mlp
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    def layers():
+        torch.manual_seed(0)
+        return [nn.Linear(D_IN, WIDTH), Residual(FcMLP(WIDTH)),
+                Residual(nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH))),
+                nn.Linear(WIDTH, D_OUT)]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            inp, b0, b1, head = layers()
+            self.inp, self.blocks, self.head = inp, nn.ModuleList([b0, b1]), head
+
+        def forward(self, x):
+            h = self.inp(x)
+            for b in self.blocks:
+                h = b(h)
+            return self.head(h)
+
+    return Net, layers
+
+
+def _batch(step: int, shard: int):
+    import torch
+    g = torch.Generator().manual_seed(1000 * step + shard)
+    x = torch.randn(MICRO, D_IN, generator=g)
+    a = torch.randn(D_IN, D_OUT, generator=torch.Generator().manual_seed(5))
+    return x, torch.sin(x @ a)
+
+
+def _block_linear(lin, p: int, k: int):
+    """float64 single-process twin of a converted layer: every rank's ``L_i, C_i, D_ij`` as parameters.
+
+    Same parametrization as the phantom layer (so the same gradients, clipping and AdamW steps),
+    initialised by the same truncated SVD, with ``y = x W(L, C, D)^T + b`` and no communication.
+    """
+    import torch
+    from torch import nn
+    from phantom_plugin import blocks
+
+    class BlockLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            w = lin.weight.detach().double()
+            mo, mi = w.shape[0] // p, w.shape[1] // p
+            comp, fac = zip(*(blocks.svd_block_column(w, p, k, j)[:2] for j in range(p)))
+            decomp = [torch.cat([fac[j][(i if i < j else i - 1) * mo:][:mo] for j in range(p) if j != i], 1)
+                      for i in range(p)]
+            self.local = nn.ParameterList(w[i * mo:(i + 1) * mo, i * mi:(i + 1) * mi].clone() for i in range(p))
+            self.comp = nn.ParameterList(c.clone() for c in comp)
+            self.decomp = nn.ParameterList(decomp)
+            self.bias = nn.Parameter(lin.bias.detach().double().clone())
+
+        def forward(self, x):
+            return x @ blocks.dense_from_blocks(list(self.local), list(self.comp), list(self.decomp)).t() + self.bias
+
+    return BlockLinear()
+
+
+def _reference(model, steps: int, shards: int, k=None, p: int = 2):
+    """float64 training on ``shards`` micro-batches per step; per-shard losses and grad norms.
+
+    With ``k`` the ``nn.Linear`` layers inside ``mlp`` modules get the phantom parametrization
+    (:func:`_block_linear`); without it the model is the plain dense one.
+    """
+    import torch
+    from torch import nn
+    ref = copy.deepcopy(model).double()
+    if k is not None:
+        for name, mod in list(ref.named_modules()):
+            if name.endswith("mlp"):
+                for child, lin in list(mod.named_children()):
+                    if isinstance(lin, nn.Linear):
+                        setattr(mod, child, _block_linear(lin, p, k))
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    losses, norms = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        per = []
+        for j in range(shards):
+            x, y = _batch(step, j)
+            per.append(torch.nn.functional.mse_loss(ref(x.double()), y.double()))
+        torch.stack(per).mean().backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)))
+        opt.step()
+        losses.append([float(v.detach()) for v in per])
+    return losses, norms
+
+
+def _config(stage=0, **phantom):
+    cfg = {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
+           "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
+           "gradient_clipping": CLIP, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6,
+           "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
+    cfg["phantom_parallel"] = {"enabled": True, "size": 2, "ghost_neurons": WIDTH // 2,
+                               "target_modules": [r"blocks\.\d+\.mlp"], **phantom}
+    return cfg
+
+
+def _train(model, cfg, steps, dp_rank):
+    import torch
+    from phantom_plugin.deepspeed import initialize
+    engine, *_ = initialize(model=model, config=cfg, model_parameters=model.parameters())
+    losses, norms = [], []
+    for step in range(steps):
+        x, y = _batch(step, dp_rank)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+        norms.append(engine.get_global_grad_norm())
+    return engine, losses, [None if n is None else float(n) for n in norms]
+
+
+def _case_two(out: dict, tmp: Path) -> None:
+    import torch
+    import deepspeed
+    from phantom_plugin import comm
+    from phantom_plugin.convert import PhantomEdgeLinear
+    Net, _ = _nets()
+    steps = 6
+    # first engine of the process: DeepSpeed keeps the last mpu in a global
+    cfg = _config()
+    cfg["phantom_parallel"]["enabled"] = False
+    model = Net()
+    engine, out["disabled_losses"], _ = _train(model, cfg, steps, int(os.environ["RANK"]))
+    out["disabled_plain"] = (engine.mpu is None and not hasattr(engine, "phantom")
+                             and not any(isinstance(m, PhantomEdgeLinear) for m in model.modules()))
+    ref2, _ = _reference(Net(), steps, 2)
+    out["ref_dp2_losses"] = [l[torch.distributed.get_rank()] for l in ref2]
+
+    dense, _ = _reference(Net(), 1, 1)
+    out["dense_loss0"] = dense[0][0]
+    ref, norms = _reference(Net(), steps, 1, k=WIDTH // 2)
+    out["ref_losses"], out["ref_norms"] = [l[0] for l in ref], norms
+    ref, _ = _reference(Net(), steps, 1, k=3)
+    out["ref_k3_losses"] = [l[0] for l in ref]
+
+    model = Net()
+    engine, out["exact_losses"], _ = _train(model, _config(), steps, 0)
+    out["converted"] = [c.name for c in engine.phantom.conversions]
+    out["edge_layers"] = sum(isinstance(m, PhantomEdgeLinear) for m in engine.module.modules())
+
+    comm.COUNTER.reset()
+    _, out["k3_losses"], _ = _train(Net(), _config(ghost_neurons=3), steps, 0)
+    out["counter_ghost_numel"] = next(r.numel for r in comm.COUNTER.records if r.tag == "ghosts_fwd")
+    _, out["bf16_losses"], _ = _train(Net(), _config(ghost_neurons=3, comm_dtype="bf16"), steps, 0)
+
+    cfg = _config(stage=2, log_interval=2)
+    cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp / "csv"), "job_name": "phantom"}
+    engine, _, _ = _train(Net(), cfg, 4, 0)
+    out["monitor_events"] = {name: value for name, value, _ in engine.phantom.logger.events}
+    if torch.distributed.get_rank() == 0:
+        out["csv_files"] = sorted(p.stem for p in (tmp / "csv" / "phantom").glob("*.csv"))
+
+    summary = deepspeed.comm.log_summary(return_dict=True) or {}
+    out["comms"] = {op: [str(s) for s in sizes] for op, sizes in summary.get("summary", summary).items()
+                    if isinstance(sizes, dict)}
+
+
+def _case_zero(out: dict, tmp: Path) -> None:
+    import torch
+    Net, _ = _nets()
+    steps = 5
+    dp_rank = int(os.environ["RANK"]) // 2                # phantom size 2 varies fastest
+    ref, norms = _reference(Net(), steps, 2, k=WIDTH // 2)
+    out["losses"], out["norms"] = {}, {}
+    for stage in (0, 1, 2):
+        engine, losses, gnorms = _train(Net(), _config(stage=stage), steps, dp_rank)
+        out["losses"][str(stage)], out["norms"][str(stage)] = losses, gnorms
+    out["ref_losses"], out["ref_norms"] = [l[dp_rank] for l in ref], norms
+    out["phantom_ranks"] = list(engine.phantom.groups.phantom_ranks)
+    out["data_ranks"] = list(engine.phantom.groups.data_ranks)
+
+
+def _case_pipe(out: dict, tmp: Path) -> None:
+    import torch
+    from deepspeed.pipe import PipelineModule
+    import deepspeed
+    from phantom_plugin.deepspeed import initialize, phantom_topology
+    _, layers = _nets()
+    steps, gas = 5, 2
+    cfg = _config(target_modules=["mlp"])       # PipelineModule names its layers "0", "1", ...
+    cfg["gradient_accumulation_steps"] = gas
+    deepspeed.init_distributed()
+    dense = layers()
+    topo = phantom_topology(cfg, num_stages=2)
+    model = PipelineModule(layers=copy.deepcopy(dense), topology=topo, partition_method="uniform",
+                           loss_fn=torch.nn.functional.mse_loss)
+    engine, *_ = initialize(model=model, config=cfg, model_parameters=model.parameters())
+    out["pipe_partitioned"], out["grad_partitioned"] = engine.is_pipe_partitioned, engine.is_grad_partitioned
+    out["converted"] = [c.name for c in engine.phantom.conversions]
+    losses = []
+    for step in range(steps):
+        it = iter([_batch(step, j) for j in range(gas)])
+        losses.append(float(engine.train_batch(data_iter=it)))
+    out["losses"] = losses
+    ref, _ = _reference(torch.nn.Sequential(*dense), steps, gas, k=WIDTH // 2)
+    out["ref_losses"] = [sum(l) / gas for l in ref]
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    out: dict = {}
+    tmp = Path(args.out)
+    {"two": _case_two, "zero": _case_zero, "pipe": _case_pipe}[args.case](out, tmp)
+    out["rank"] = dist.get_rank()
+    (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main()
