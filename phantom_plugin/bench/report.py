@@ -1,7 +1,10 @@
-"""Text tables of run results."""
+"""Markdown tables of run results (dicts from :func:`phantom_plugin.bench.runner.train_rank`)."""
 from __future__ import annotations
 
-__all__ = ["demo_table", "fmt_bytes", "fmt_count"]
+import statistics
+from typing import Optional
+
+__all__ = ["demo_table", "runs_table", "pairs", "pair_table", "to_target", "fmt_bytes", "fmt_count"]
 
 
 def fmt_count(n: float) -> str:
@@ -20,7 +23,8 @@ def fmt_bytes(n: float) -> str:
 
 def _energy(r: dict) -> str:
     if r.get("energy_j") is None:
-        return f"n/a ({r.get('energy_reason')})"
+        why = r.get("energy_reason") or ""
+        return "n/a (no energy counter)" if "no energy counter" in why else f"n/a ({why})"
     return f"{r['energy_j']:.1f} J ({r['energy_source']})"
 
 
@@ -34,6 +38,10 @@ def demo_table(tp: dict, ph: dict) -> str:
          fmt_bytes(ph["comm_bytes_per_step"]), ph["comm_bytes_per_step"] / max(1, tp["comm_bytes_per_step"])),
         ("median step time", f"{tp['step_time_s'] * 1e3:.1f} ms", f"{ph['step_time_s'] * 1e3:.1f} ms",
          ph["step_time_s"] / tp["step_time_s"]),
+        ("CPU-seconds/step (all ranks)", f"{tp['cpu_seconds_per_step']:.3f}", f"{ph['cpu_seconds_per_step']:.3f}",
+         ph["cpu_seconds_per_step"] / tp["cpu_seconds_per_step"]),
+        ("energy/step, modeled (J, all ranks)", f"{tp['energy_j_modeled_per_step']:.4f}",
+         f"{ph['energy_j_modeled_per_step']:.4f}", ph["energy_j_modeled_per_step"] / tp["energy_j_modeled_per_step"]),
         ("final loss (mean of last 10 steps)", f"{tp['final_loss']:.4f}", f"{ph['final_loss']:.4f}",
          ph["final_loss"] / tp["final_loss"]),
     ]
@@ -41,7 +49,73 @@ def demo_table(tp: dict, ph: dict) -> str:
             f"batch {tp['batch']}, {tp['steps']} steps, {tp['dtype']} -- {tp['machine']}")
     lines = [head, "", "| | TP (megatron-core) | phantom | phantom/TP |", "|---|---:|---:|---:|"]
     lines += [f"| {name} | {a} | {b} | {ratio:.3f} |" for name, a, b, ratio in rows]
-    lines.append(f"| energy | {_energy(tp)} | {_energy(ph)} | |")
+    lines.append(f"| energy, measured | {_energy(tp)} | {_energy(ph)} | |")
     lines.append(f"| bytes sent/step (cost model) | {fmt_bytes(tp['comm_bytes_per_step_model'])} | "
                  f"{fmt_bytes(ph['comm_bytes_per_step_model'])} | |")
+    lines.append(f"\nMeasured energy: {ph['energy_reason'] or ph['energy_scope']}.\nModeled energy: {ph['energy_model']}.")
     return "\n".join(lines)
+
+
+def runs_table(runs: list[dict]) -> str:
+    """One row per run."""
+    head = ("| mode | ranks | width | depth | k | batch | steps | step time (median) | samples/s | "
+            "bytes/step measured | bytes/step model | MACs/step/rank | params | peak mem | final loss | "
+            "CPU-s/step | energy (measured) | energy/step (modeled) |")
+    lines = [head, "|" + "---|" * 18]
+    for r in runs:
+        k = r["ghost_dim"] if r["mode"] == "phantom" else "-"
+        lines.append(
+            f"| {r['mode']} | {r['world_size']} | {r['width']} | {r['depth']} | {k} | {r['batch']} | "
+            f"{r['steps_run']} | {r['step_time_s'] * 1e3:.1f} ms | {r['tokens_or_samples_per_s']:.0f} | "
+            f"{fmt_bytes(r['comm_bytes_per_step'])} | {fmt_bytes(r['comm_bytes_per_step_model'])} | "
+            f"{fmt_count(r['macs_per_step'])} | {fmt_count(r['params'])} | {fmt_bytes(r['peak_memory_bytes'])} | "
+            f"{r['final_loss']:.4f} | {r['cpu_seconds_per_step']:.3f} | "
+            f"{_joules(r['energy_j'])} | "
+            f"{r['energy_j_modeled_per_step']:.4f} J |")
+    return "\n".join(lines)
+
+
+def _joules(j: Optional[float]) -> str:
+    return "n/a" if j is None else f"{j:.1f} J"
+
+
+def _key(r: dict) -> tuple:
+    return (r["world_size"], r["width"], r["depth"], r["batch"], r["dtype"])
+
+
+def pairs(runs: list[dict]) -> list[tuple[dict, dict]]:
+    """``(tp, phantom)`` pairs with the same ranks, width, depth, batch and dtype (every phantom ``k``)."""
+    tps = {_key(r): r for r in runs if r["mode"] == "tp"}
+    return [(tps[_key(r)], r) for r in runs if r["mode"] == "phantom" and _key(r) in tps]
+
+
+def pair_table(runs: list[dict]) -> str:
+    """phantom/TP ratios for each matched pair (from runs of the same invocation)."""
+    lines = ["| ranks | width | depth | k | MACs | params | bytes/step | step time | CPU-s/step | "
+             "energy/step modeled | energy measured | final loss (TP, phantom) |", "|" + "---|" * 12]
+    for tp, ph in pairs(runs):
+        e = ("n/a" if tp["energy_j"] is None or ph["energy_j"] is None else
+             f"{ph['energy_j_per_step'] / tp['energy_j_per_step']:.3f}")
+        lines.append(
+            f"| {tp['world_size']} | {tp['width']} | {tp['depth']} | {ph['ghost_dim']} | "
+            f"{ph['macs_per_step'] / tp['macs_per_step']:.3f} | {ph['params'] / tp['params']:.3f} | "
+            f"{ph['comm_bytes_per_step'] / max(1, tp['comm_bytes_per_step']):.3f} | "
+            f"{ph['step_time_s'] / tp['step_time_s']:.3f} | "
+            f"{ph['cpu_seconds_per_step'] / tp['cpu_seconds_per_step']:.3f} | "
+            f"{ph['energy_j_modeled_per_step'] / tp['energy_j_modeled_per_step']:.3f} | {e} | "
+            f"{tp['final_loss']:.4f}, {ph['final_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def to_target(r: dict, target: float, smooth: int = 10) -> Optional[dict]:
+    """Steps, wall seconds, CPU-seconds and energy until the running mean of ``smooth`` losses
+    first reaches ``target`` (``None`` if it never does). Seconds are sums of measured step times
+    (warm-up included); energy is measured J/step times steps when measured, and modeled always."""
+    losses = r["losses"]
+    for i in range(smooth - 1, len(losses)):
+        if statistics.fmean(losses[i - smooth + 1:i + 1]) <= target:
+            n = i + 1
+            return {"steps": n, "seconds": sum(r["step_times_s"][:n]), "cpu_seconds": sum(r["step_cpu_s"][:n]),
+                    "energy_j": None if r["energy_j_per_step"] is None else r["energy_j_per_step"] * n,
+                    "energy_j_modeled": r["energy_j_modeled_per_step"] * n}
+    return None

@@ -7,14 +7,16 @@ seeded), fitted with MSE and Adam. Every rank of the group sees the same batch (
 the model, not the data). Both modes start from the same seed: TP's diagonal blocks are the
 phantom model's local blocks (:mod:`phantom_plugin.init`).
 
-Measured per step on rank 0: wall time of forward + backward + optimizer step (device
-synchronized, data generation excluded), bytes sent by this rank (every collective counted by
-:mod:`phantom_plugin.comm`; megatron's own calls intercepted), loss. Reported: medians after
-``warmup`` steps.
+Measured per step on every rank: wall time of forward + backward + optimizer step (device
+synchronized, data generation excluded), CPU seconds of the process, bytes sent by this rank
+(every collective counted by :mod:`phantom_plugin.comm`; megatron's own calls intercepted), loss.
+Energy: one :class:`~phantom_plugin.energy.EnergyMeter` window over the steps after ``warmup``,
+summed over the group explicitly at the end. Reported by rank 0: medians after ``warmup`` steps.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import resource
 import statistics
@@ -24,17 +26,24 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import comm, cost
+from .. import comm, cost, energy
 from ..layers import PhantomFFN
 
-__all__ = ["RunSpec", "teacher_batch", "train_rank", "machine_description"]
+__all__ = ["RunSpec", "teacher_batch", "train_rank", "machine_description", "model_cost"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+SMOOTH = 10   # steps in the running mean that defines "final loss" and "reached the target"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunSpec:
-    """One training run. ``mode`` is ``"tp"`` (megatron-core layers) or ``"phantom"``."""
+    """One training run. ``mode`` is ``"tp"`` (megatron-core layers) or ``"phantom"``.
+
+    ``target_loss``: stop once the mean of the last ``SMOOTH`` losses is at or below it (``steps``
+    is then the limit). ``probe``: after training, measure the dense GEMM rate and (phantom) how
+    much ghost communication the local GEMMs hide (:mod:`.probe`). ``energy_preset``: device
+    preset of the modeled energy (:data:`phantom_plugin.energy.PRESETS`).
+    """
     mode: str
     width: int
     depth: int
@@ -46,6 +55,9 @@ class RunSpec:
     seed: int = 0
     dtype: str = "fp32"
     activation: str = "gelu"
+    target_loss: Optional[float] = None
+    probe: bool = False
+    energy_preset: str = "h100-sxm-bf16"
 
     def __post_init__(self):
         if self.mode not in ("tp", "phantom"):
@@ -54,6 +66,8 @@ class RunSpec:
             raise ValueError(f"RunSpec.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         if self.steps <= self.warmup:
             raise ValueError(f"RunSpec.steps={self.steps} must exceed warmup={self.warmup}")
+        if self.energy_preset not in energy.PRESETS:
+            raise ValueError(f"RunSpec.energy_preset must be one of {sorted(energy.PRESETS)}")
 
 
 def teacher_batch(step: int, batch: int, width: int, seed: int, device=None,
@@ -71,8 +85,7 @@ def teacher_batch(step: int, batch: int, width: int, seed: int, device=None,
 
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    import os
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, nccl)"
     return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, gloo")
 
@@ -83,7 +96,16 @@ def count_params(model: torch.nn.Module, p: int) -> int:
                for t in model.parameters())
 
 
-def _sync(device: torch.device) -> None:
+def model_cost(spec: RunSpec, p: int, backend: str = "gloo") -> cost.Cost:
+    """The cost model's figures for ``spec`` on ``p`` ranks (per rank, per step) over ``backend``."""
+    elt = torch.tensor([], dtype=_DTYPES[spec.dtype]).element_size()
+    if spec.mode == "phantom":
+        return cost.phantom_ffn_cost(spec.width, spec.depth, p=p, k=spec.ghost_dim, batch=spec.batch,
+                                     dtype_bytes=elt, backend=backend)
+    return cost.tp_ffn_cost(spec.width, spec.depth, p=p, batch=spec.batch, dtype_bytes=elt)
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -97,69 +119,129 @@ def build_model(spec: RunSpec, group, device, dtype) -> torch.nn.Module:
                          seed=spec.seed, dtype=dtype).to(device)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam, fused where torch has a fused kernel for the device (CPU too since torch 2.4): the
+    same optimizer for both modes. Unfused CPU Adam costs about as much as the GEMMs of a small model."""
+    try:
+        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def train_step(model, opt, x, y) -> torch.Tensor:
+    loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
+def _reached(losses: list, target: Optional[float]) -> bool:
+    return target is not None and len(losses) >= SMOOTH and statistics.fmean(losses[-SMOOTH:]) <= target
+
+
 def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
                meter=None) -> Optional[dict]:
     """Run ``spec`` on the default group (already initialized); rank 0 returns the result dict.
 
-    ``meter``: an optional energy meter with ``begin_window(name)`` / ``end_window(name)``.
+    ``meter``: an energy meter with ``begin_window(name)`` / ``end_window(name)`` (default: an
+    :class:`~phantom_plugin.energy.EnergyMeter` on this rank's device).
     """
     group = dist.group.WORLD
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
         else torch.device("cpu")
     dtype = _DTYPES[spec.dtype]
+    meter = meter if meter is not None else energy.EnergyMeter(device)
     model = build_model(spec, group, device, dtype)
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
-    losses, times, sent = [], [], []
-    bar = range(spec.steps)
+    opt = make_optimizer(model, spec.lr)
+    losses, times, cpu, sent = [], [], [], []
+    bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(bar, desc=f"{spec.mode:>7} p={world_size}", leave=False)
+        bar = tqdm(total=spec.steps, desc=f"{spec.mode:>7} p={world_size} w={spec.width}", leave=False)
     intercept = comm.intercept_torch_collectives() if spec.mode == "tp" else _null()
-    energy = None
+    reached_at = None
     with intercept:
-        for step in bar:
+        for step in range(spec.steps):
             x, y = teacher_batch(step, spec.batch, spec.width, spec.seed, device, dtype)
-            if step == spec.warmup and meter is not None:
+            if step == spec.warmup:
                 meter.begin_window("train")
-            _sync(device)
-            t0 = time.perf_counter()
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
             with comm.COUNTER.window() as records:
-                loss = torch.nn.functional.mse_loss(model(x).float(), y.float())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            _sync(device)
+                loss = train_step(model, opt, x, y)
+            sync(device)
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
             sent.append(sum(r.sent_bytes for r in records))
             losses.append(loss.item())
-        if meter is not None:
-            energy = meter.end_window("train")
+            if bar is not None:
+                bar.update(1)
+            if reached_at is None and _reached(losses, spec.target_loss):
+                reached_at = step
+            if spec.target_loss is not None and step > spec.warmup and _all_agree(reached_at is not None, group):
+                break
+        window = meter.end_window("train")
+    if bar is not None:
+        bar.close()
     comm.COUNTER.reset()
+    total = energy.sum_over_group(window, group) if isinstance(window, energy.Measurement) else window
+    cpu_sum = torch.tensor(cpu, dtype=torch.float64)
+    dist.all_reduce(cpu_sum, group=group)                  # CPU-seconds of all ranks, per step
+    probe = None
+    if spec.probe:
+        from .probe import probe_rank
+        probe = probe_rank(model, opt, spec, group, device, dtype)
     if rank != 0:
         return None
-    p = world_size
-    timed = times[spec.warmup:]
-    elt = torch.tensor([], dtype=dtype).element_size()
-    model_cost = (cost.phantom_ffn_cost(spec.width, spec.depth, p=p, k=spec.ghost_dim, batch=spec.batch,
-                                        dtype_bytes=elt)
-                  if spec.mode == "phantom" else
-                  cost.tp_ffn_cost(spec.width, spec.depth, p=p, batch=spec.batch, dtype_bytes=elt))
+    res = _result(spec, world_size, model, device, losses, times, cpu_sum.tolist(), sent, total,
+                  reached_at, probe)
+    res["optimizer"] = "Adam (fused)" if opt.defaults.get("fused") else "Adam"
+    return res
+
+
+def _all_agree(flag: bool, group) -> bool:
+    """True when every rank's ``flag`` is (outside the timed step; not counted as model traffic)."""
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=comm.collective_device(group))
+    dist.all_reduce(t, group=group)
+    return int(t.item()) == 0
+
+
+def _result(spec, p, model, device, losses, times, cpu_sum, sent, window, reached_at, probe) -> dict:
+    w = spec.warmup
+    timed = times[w:]
+    mc = model_cost(spec, p, "nccl" if device.type == "cuda" else "gloo")
     step_time = statistics.median(timed)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    n_timed = len(timed)
+    e_meas = getattr(window, "energy_j", None)
+    modeled_step = energy.modeled_energy_j(mc.flops, mc.bytes_sent, spec.energy_preset)
+    preset = energy.PRESETS[spec.energy_preset]
     return {
-        **dataclasses.asdict(spec), "world_size": p,
+        **dataclasses.asdict(spec), "world_size": p, "steps_run": len(losses),
         "step_time_s": step_time, "step_times_s": times,
         "tokens_or_samples_per_s": spec.batch / step_time,
-        "comm_bytes_per_step": statistics.median(sent[spec.warmup:]),
-        "comm_bytes_per_step_model": model_cost.bytes_sent,
-        "macs_per_step": model_cost.macs, "params": count_params(model, p),
+        "cpu_seconds_per_step": statistics.median(cpu_sum[w:]), "step_cpu_s": cpu_sum,
+        "comm_bytes_per_step": statistics.median(sent[w:]),
+        "comm_bytes_per_step_model": mc.bytes_sent,
+        "macs_per_step": mc.macs, "flops_per_step": mc.flops, "params": count_params(model, p),
         "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
-        "losses": losses, "final_loss": statistics.fmean(losses[-10:]),
-        "energy_j": getattr(energy, "energy_j", None),
-        "energy_source": getattr(energy, "source", "none"),
-        "energy_reason": getattr(energy, "reason", "no energy meter was used"),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "rank 0 process max RSS",
+        "losses": losses, "final_loss": statistics.fmean(losses[-SMOOTH:]),
+        "reached_target_at_step": reached_at,
+        "energy_j": e_meas,
+        "energy_j_per_step": None if e_meas is None else e_meas / n_timed,
+        "energy_source": getattr(window, "source", "none"),
+        "energy_scope": getattr(window, "scope", "none"),
+        "energy_reason": getattr(window, "reason", "no energy meter was used"),
+        "energy_short_window": getattr(window, "short_window", None),
+        "energy_window_s": getattr(window, "time_s", None), "energy_window_steps": n_timed,
+        "energy_j_modeled": modeled_step * n_timed * p,
+        "energy_j_modeled_per_step": modeled_step * p,
+        "energy_model": (f"modeled, all {p} ranks, preset {preset.name}: {preset.pj_per_flop:.3g} pJ/FLOP "
+                         f"({preset.flop_source}); {preset.pj_per_byte:.3g} pJ/byte ({preset.byte_source})"),
+        "probe": probe,
         "machine": machine_description(device),
     }
 

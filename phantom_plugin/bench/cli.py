@@ -1,0 +1,127 @@
+"""``phantom-bench``: TP (megatron-core layers) and phantom side by side, same launcher, data,
+seed and steps, over a grid; writes ``results.json``, ``results.md`` and PNG plots into ``--out``.
+
+One point::
+
+    phantom-bench --width 2048 --depth 4 --ranks 2 --ghosts 32 --batch 256 --steps 200 --out DIR
+
+Comma-separated values make a grid (``--ranks 2,4 --ghosts 16,32``). Ranks are started here
+(gloo on CPU; NCCL, one GPU per rank, when enough GPUs are visible). ``--recipe e1`` / ``e2`` run
+the paper's two experiments (:mod:`.experiments`); ``--probe`` adds the GEMM-rate and
+hidden-communication measurements (:mod:`.probe`).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import sys
+
+__all__ = ["main", "parse_args", "grid_specs"]
+
+
+def _ints(s: str) -> list[int]:
+    return [int(v) for v in str(s).split(",") if v.strip()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="phantom-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--width", type=_ints, default=[1024], help="n, comma-separated for a grid")
+    ap.add_argument("--depth", type=_ints, default=[4], help="layers")
+    ap.add_argument("--ranks", type=_ints, default=[2], help="p (TP ranks; E2: phantom gets p/2)")
+    ap.add_argument("--ghosts", type=_ints, default=[16], help="k, ghost neurons per rank")
+    ap.add_argument("--batch", type=_ints, default=[256], help="samples per step")
+    ap.add_argument("--steps", type=int, default=100, help="training steps per run (E2: TP's steps)")
+    ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the timings")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp64"])
+    ap.add_argument("--modes", default="tp,phantom", help="tp, phantom or both")
+    ap.add_argument("--recipe", default="grid", choices=["grid", "e1", "e2"],
+                    help="grid: every point; e1: phantom vs TP at equal n and p, with time to a target "
+                         "loss; e2: phantom on p/2 ranks trained to TP-on-p's final loss")
+    ap.add_argument("--max-factor", type=float, default=4.0,
+                    help="E2: phantom may run up to this many times TP's steps to reach its loss")
+    ap.add_argument("--probe", action="store_true",
+                    help="also measure the dense GEMM rate and the hidden ghost communication")
+    ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads per rank (0: cores/ranks)")
+    ap.add_argument("--energy-preset", default="h100-sxm-bf16", help="device preset of the modeled energy")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    ap.add_argument("--out", default="bench_out", help="output folder")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    args.modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in args.modes if m not in ("tp", "phantom")]
+    if bad:
+        ap.error(f"--modes: unknown {bad}; use tp and/or phantom")
+    return args
+
+
+def grid_specs(args) -> list[tuple[int, "object"]]:
+    """``(ranks, RunSpec)`` for every grid point: TP once per (n, L, p, B), phantom once per ``k``."""
+    from .runner import RunSpec
+    out = []
+    for n in args.width:
+        for depth in args.depth:
+            for p in args.ranks:
+                for b in args.batch:
+                    common = dict(width=n, depth=depth, batch=b, steps=args.steps, warmup=args.warmup,
+                                  lr=args.lr, seed=args.seed, dtype=args.dtype, probe=args.probe,
+                                  energy_preset=args.energy_preset)
+                    if "tp" in args.modes:
+                        out.append((p, RunSpec(mode="tp", ghost_dim=args.ghosts[0], **common)))
+                    if "phantom" in args.modes:
+                        out += [(p, RunSpec(mode="phantom", ghost_dim=k, **common)) for k in args.ghosts]
+    return out
+
+
+def backend_for(args, p: int) -> str:
+    if args.backend != "auto":
+        return args.backend
+    import torch
+    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= p else "gloo"
+
+
+def run_one(args, p: int, spec) -> dict:
+    """Start ``p`` ranks, train ``spec``, return rank 0's result with the launch conditions."""
+    from ..launch import run_ranks
+    from .runner import train_rank
+    cores = os.cpu_count() or 1
+    backend = backend_for(args, p)
+    threads = args.threads or max(1, cores // p)
+    r = run_ranks(train_rank, p, spec, not args.no_progress, timeout=args.timeout, backend=backend,
+                  threads=threads)[0]
+    r.update(backend=backend, threads_per_rank=threads,
+             oversubscribed=backend == "gloo" and p * threads > cores)
+    return r
+
+
+def write_outputs(out: str, runs: list[dict], markdown: str, summary: dict, title: str) -> list[str]:
+    from .plots import write_plots
+    os.makedirs(out, exist_ok=True)
+    doc = {"command": "phantom-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+           "created": datetime.datetime.now().isoformat(timespec="seconds"),
+           "machine": runs[0]["machine"] if runs else None, "summary": summary, "runs": runs}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown + "\n")
+    return [os.path.join(out, "results.json"), os.path.join(out, "results.md")] + write_plots(runs, out, title)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from . import experiments
+    runs, markdown, summary, title = experiments.RECIPES[args.recipe](args)
+    paths = write_outputs(args.out, runs, markdown, summary, title)
+    print(markdown)
+    print("\nwrote " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

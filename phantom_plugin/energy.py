@@ -1,0 +1,311 @@
+"""Energy measured in windows, beside time: ``EnergyMeter.begin_window`` / ``end_window``.
+
+Each rank reads the counter of **its own device** and nothing else; no collective runs unless
+the caller asks for one with :func:`sum_over_group` and an explicit group. Sources, tried in
+order (``ENERGY.md``):
+
+* ``nvml``: NVML's total-energy counter (``nvidia-ml-py``, module ``pynvml``;
+  ``nvmlDeviceGetTotalEnergyConsumption``, millijoules since driver load; Volta and newer).
+  Updated every ~10-100 ms, so windows shorter than :data:`UPDATE_PERIOD_S` ``["nvml"]`` are flagged.
+* ``amdsmi``: ``amdsmi_get_energy_count`` (ticks x microjoules per tick), when importable. On
+  MI250X one die of each pair reports for both: the figure covers the pair.
+* ``rapl``: CPU package counters under ``/sys/class/powercap/*/energy_uj`` when readable. A
+  package is shared by every process on it: the scope says so, and :func:`sum_over_group`
+  counts each host once.
+* otherwise ``energy_j = None`` with the ``reason``. Never an estimate in that field.
+
+A *modeled* energy (FLOPs and bytes from :mod:`phantom_plugin.cost` times stated per-FLOP and
+per-byte energies of a named :class:`DevicePreset`) is a separate function whose results go in
+fields named ``*_modeled``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+import socket
+import time
+from typing import Callable, Optional
+
+__all__ = ["Measurement", "EnergyMeter", "sum_over_group", "DevicePreset", "PRESETS",
+           "modeled_energy_j", "UPDATE_PERIOD_S"]
+
+UPDATE_PERIOD_S = {"nvml": 0.1, "amdsmi": 0.001, "rapl": 0.001}
+"""Counter update period per source, seconds (NVML: the slow end of its 10-100 ms; RAPL ~1 ms)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Measurement:
+    """One window on one rank (or summed over a group by :func:`sum_over_group`).
+
+    Attributes:
+        name: the window's name.
+        time_s: wall-clock seconds between the two (synchronized) reads.
+        energy_j: joules over the window, summed over ``per_device_j``; ``None`` when not measured.
+        per_device_j: joules per device read (label -> J).
+        source: ``"nvml"``, ``"amdsmi"``, ``"rapl"`` or ``"none"``.
+        scope: what the joules cover (which device; whether shared with other processes).
+        reason: why ``energy_j`` is ``None`` (``None`` when measured).
+        short_window: the window was shorter than the counter's update period (treat with care).
+        cpu_time_s: CPU seconds this process used in the window (all its threads), always measured.
+    """
+    name: str
+    time_s: float
+    energy_j: Optional[float]
+    per_device_j: dict
+    source: str
+    scope: str
+    reason: Optional[str]
+    short_window: bool
+    cpu_time_s: float
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- sources: each has read() -> {label: joules} and attributes name, scope, shared ----------
+
+class _Nvml:
+    name, shared = "nvml", False
+
+    def __init__(self, nvml, index: int, uuid: Optional[str] = None):
+        nvml.nvmlInit()
+        self._nvml = nvml
+        handle = None
+        if uuid is not None and hasattr(nvml, "nvmlDeviceGetHandleByUUID"):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
+            except nvml.NVMLError:
+                handle = None
+        self._handle = handle if handle is not None else nvml.nvmlDeviceGetHandleByIndex(index)
+        self.label = f"gpu:{index}"
+        self.scope = f"this rank's GPU ({self.label}, whole board)"
+        self.read()  # raises NVMLError (NotSupported before Volta) here, not mid-window
+
+    def read(self) -> dict:
+        mj = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)   # millijoules
+        return {self.label: mj / 1000.0}
+
+
+class _Amdsmi:
+    name, shared = "amdsmi", False
+
+    def __init__(self, amdsmi, index: int):
+        amdsmi.amdsmi_init()
+        self._amdsmi = amdsmi
+        self._handle = amdsmi.amdsmi_get_processor_handles()[index]
+        self.label = f"gpu:{index}"
+        self.scope = f"this rank's GPU ({self.label}; on MI250X one die reports for its pair)"
+        self.read()
+
+    def read(self) -> dict:
+        info = self._amdsmi.amdsmi_get_energy_count(self._handle)
+        ticks = info.get("energy_accumulator", info.get("power"))
+        return {self.label: float(ticks) * float(info["counter_resolution"]) / 1e6}   # uJ -> J
+
+
+class _Rapl:
+    name, shared = "rapl", True
+
+    def __init__(self, root: str):
+        zones = sorted(z for z in glob.glob(os.path.join(root, "*")) if _is_package(z))
+        if not zones:
+            raise OSError(f"no RAPL package zones under {root}")
+        self._zones = []
+        for z in zones:
+            with open(os.path.join(z, "name")) as f:
+                label = f.read().strip()
+            wrap = _read_int(os.path.join(z, "max_energy_range_uj"), default=None)
+            self._zones.append((f"{label}({os.path.basename(z)})", os.path.join(z, "energy_uj"), wrap))
+        self._last: dict[str, float] = {}
+        self._offset: dict[str, float] = {}
+        self.scope = ("CPU packages of this host (" + ", ".join(l for l, _, _ in self._zones)
+                      + "), shared with every process on them")
+        self.read()
+
+    def read(self) -> dict:
+        out = {}
+        for label, path, wrap in self._zones:
+            uj = float(_read_int(path))            # PermissionError when root-only
+            if label in self._last and uj < self._last[label] and wrap:
+                self._offset[label] = self._offset.get(label, 0.0) + wrap   # counter wrapped
+            self._last[label] = uj
+            out[label] = (uj + self._offset.get(label, 0.0)) / 1e6
+        return out
+
+
+def _is_package(path: str) -> bool:
+    """Top-level zones (``intel-rapl:0``), not sub-zones (``intel-rapl:0:1``) nor ``*-mmio``."""
+    base = os.path.basename(path)
+    return base.count(":") == 1 and "mmio" not in base and os.path.exists(os.path.join(path, "energy_uj"))
+
+
+def _read_int(path: str, default=0):
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except FileNotFoundError:
+        if default is None:
+            return None
+        raise
+
+
+def _default_sync(device) -> Callable[[], None]:
+    def sync() -> None:
+        if device is not None and getattr(device, "type", None) == "cuda":
+            import torch
+            torch.cuda.synchronize(device)
+    return sync
+
+
+class EnergyMeter:
+    """Energy and time of named windows on this rank's device.
+
+    Args:
+        device: this rank's ``torch.device`` (``cuda:i`` picks GPU ``i``; CPU devices use RAPL).
+        index: the GPU's number for NVML / amdsmi when ``device`` does not say (default 0).
+        sources: source names to try, in order.
+        nvml, amdsmi: module objects to use instead of importing ``pynvml`` / ``amdsmi`` (tests).
+        rapl_root: where the powercap tree lives.
+        sync: called before every read (default: ``torch.cuda.synchronize`` on CUDA devices).
+    """
+
+    def __init__(self, device=None, *, index: Optional[int] = None, sources=("nvml", "amdsmi", "rapl"),
+                 nvml=None, amdsmi=None,
+                 rapl_root: str = "/sys/class/powercap", sync: Optional[Callable[[], None]] = None):
+        self.device = device
+        self._sync = sync or _default_sync(device)
+        self._windows: dict[str, tuple[float, float, Optional[dict]]] = {}
+        self._source = None
+        reasons = []
+        gpu = ((device is not None and getattr(device, "type", "cpu") in ("cuda", "hip"))
+               or nvml is not None or amdsmi is not None)
+        index = _device_index(device) if index is None else index
+        for name in sources:
+            try:
+                if name == "nvml" and gpu:
+                    self._source = _Nvml(nvml or _import("pynvml"), index, _cuda_uuid(device))
+                elif name == "amdsmi" and gpu:
+                    self._source = _Amdsmi(amdsmi or _import("amdsmi"), index)
+                elif name == "rapl" and not gpu:
+                    self._source = _Rapl(rapl_root)
+                else:
+                    reasons.append(f"{name}: not for a {'GPU' if gpu else 'CPU'} device")
+                    continue
+                break
+            except ImportError as e:
+                reasons.append(f"{name}: not importable ({e.name})")
+            except (OSError, PermissionError) as e:
+                reasons.append(f"{name}: {e.__class__.__name__}: {e}")
+            except Exception as e:  # NVMLError / AmdSmiException (NotSupported, no driver)
+                reasons.append(f"{name}: {e.__class__.__name__}: {e}")
+        self.reason = None if self._source else "no energy counter: " + "; ".join(reasons)
+
+    @property
+    def source(self) -> str:
+        return self._source.name if self._source else "none"
+
+    def begin_window(self, name: str) -> None:
+        """Synchronize the device and read the counters; the window ``name`` starts now."""
+        if name in self._windows:
+            raise ValueError(f"EnergyMeter: window {name!r} is already open")
+        self._sync()
+        reading = self._source.read() if self._source else None
+        self._windows[name] = (time.perf_counter(), time.process_time(), reading)
+
+    def end_window(self, name: str) -> Measurement:
+        """Synchronize, read again and return the window's :class:`Measurement` (J, s)."""
+        if name not in self._windows:
+            raise ValueError(f"EnergyMeter: window {name!r} was not begun")
+        self._sync()
+        t1, c1 = time.perf_counter(), time.process_time()
+        end = self._source.read() if self._source else None
+        t0, c0, start = self._windows.pop(name)
+        dt = t1 - t0
+        if self._source is None:
+            return Measurement(name, dt, None, {}, "none", "none", self.reason, False, c1 - c0)
+        per = {k: end[k] - start[k] for k in end}
+        return Measurement(name, dt, sum(per.values()), per, self._source.name, self._source.scope,
+                           None, dt < UPDATE_PERIOD_S[self._source.name], c1 - c0)
+
+
+def _import(name: str):
+    import importlib
+    return importlib.import_module(name)
+
+
+def _device_index(device) -> int:
+    if device is None or getattr(device, "index", None) is None:
+        return 0
+    return int(device.index)
+
+
+def _cuda_uuid(device) -> Optional[str]:
+    if device is None or getattr(device, "type", None) != "cuda":
+        return None
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    return None if uuid is None else f"GPU-{uuid}"
+
+
+def sum_over_group(m: Measurement, group) -> Measurement:
+    """Sum ``m`` over the ranks of ``group`` (a collective: call it on every rank of ``group``).
+
+    Energy of host-shared sources (RAPL) is counted once per host. ``time_s`` is the longest
+    window, ``cpu_time_s`` the sum. ``energy_j`` is ``None`` if any rank's is.
+    """
+    import torch.distributed as dist
+    mine = {"m": m.as_dict(), "host": socket.gethostname()}
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    seen_hosts, per, missing = set(), {}, {}
+    for r, e in enumerate(every):
+        d = e["m"]
+        if d["energy_j"] is None:
+            missing.setdefault(d["reason"], []).append(r)
+            continue
+        if d["source"] == "rapl":
+            if e["host"] in seen_hosts:
+                continue
+            seen_hosts.add(e["host"])
+        per.update({f"rank{r}:{k}": v for k, v in d["per_device_j"].items()})
+    ms = [e["m"] for e in every]
+    energy = None if missing else sum(per.values())
+    return Measurement(m.name, max(x["time_s"] for x in ms), energy, {} if missing else per,
+                       ms[0]["source"], f"sum over {len(ms)} ranks of: {ms[0]['scope']}",
+                       "; ".join(f"ranks {rs}: {why}" for why, rs in missing.items()) or None, any(x["short_window"] for x in ms),
+                       sum(x["cpu_time_s"] for x in ms))
+
+
+# --- modeled energy ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DevicePreset:
+    """Per-FLOP and per-byte energies of a named device, each with where it comes from."""
+    name: str
+    pj_per_flop: float
+    pj_per_byte: float
+    flop_source: str
+    byte_source: str
+
+
+_LINK = ("assumption, not a measurement: 10 pJ/bit = 80 pJ/byte sent, the order of magnitude of "
+         "off-package SerDes signalling plus switching; override with DevicePreset(...)")
+PRESETS = {
+    "h100-sxm-bf16": DevicePreset(
+        "h100-sxm-bf16", 700 / 989.4e12 * 1e12, 80.0,
+        "derived: NVIDIA H100 SXM5 datasheet max TDP 700 W / dense BF16 peak 989.4 TFLOP/s "
+        "= 0.71 pJ/FLOP (full board power at the peak rate)", _LINK),
+    "a100-sxm-bf16": DevicePreset(
+        "a100-sxm-bf16", 400 / 312e12 * 1e12, 80.0,
+        "derived: NVIDIA A100 SXM4 datasheet max TDP 400 W / dense BF16 peak 312 TFLOP/s "
+        "= 1.28 pJ/FLOP", _LINK),
+}
+
+
+def modeled_energy_j(flops: float, bytes_sent: float, preset: str | DevicePreset = "h100-sxm-bf16") -> float:
+    """``flops * pJ/FLOP + bytes_sent * pJ/byte`` of ``preset``, in joules. Always a *modeled* figure."""
+    p = PRESETS[preset] if isinstance(preset, str) else preset
+    return (flops * p.pj_per_flop + bytes_sent * p.pj_per_byte) * 1e-12
