@@ -28,6 +28,11 @@ def _lo_tx() -> int:
     raise RuntimeError("no loopback interface in /proc/net/dev")
 
 
+def _torch_reduce_scatter(n, p):
+    with comm.intercept_torch_collectives():
+        dist.reduce_scatter_tensor(torch.empty(n // p), torch.ones(n))
+
+
 def _measure(rank, p):
     g = dist.group.WORLD
     n = 1_000_000 * p
@@ -36,6 +41,7 @@ def _measure(rank, p):
         "reduce_scatter": lambda: comm.reduce_scatter(torch.ones(p, n // p), g),
         "all_reduce": lambda: comm.all_reduce(torch.ones(n), g),
         "all_to_all": lambda: comm.all_to_all(torch.ones(p, n // p), g),
+        "torch gloo reduce_scatter_tensor (intercepted)": lambda: _torch_reduce_scatter(n, p),
     }
     ffn = PhantomFFN(4096, 4, ghost_dim=256, group=g, seed=0)
     x = torch.randn(2048, 4096)

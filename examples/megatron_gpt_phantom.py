@@ -153,10 +153,8 @@ def main() -> None:
     results = [run(args, False, train, evals, device), run(args, True, train, evals, device)]
     if dist.get_rank() == 0:
         tokens, L = args.batch * args.seq, args.layers
-        backend = "nccl" if gpu else "gloo"
         tp_mlp = cost.tp_mlp_cost(args.hidden, args.ffn, p=args.tp, tokens=tokens).bytes_sent * L
-        ph_mlp = cost.phantom_mlp_cost(args.hidden, args.ffn, p=args.tp, k=args.ghost_dim, tokens=tokens,
-                                       backend=backend).bytes_sent * L
+        ph_mlp = cost.phantom_mlp_cost(args.hidden, args.ffn, p=args.tp, k=args.ghost_dim, tokens=tokens).bytes_sent * L
         print(f"\nGPT: {L} layers, h={args.hidden}, ffn={args.ffn}, heads={args.heads}, seq={args.seq}, "
               f"batch={args.batch}, TP={args.tp}, {args.steps} steps, corpus {data.numel():,} stdlib bytes, "
               f"{'NCCL ' + torch.cuda.get_device_name() if gpu else 'gloo CPU'}")
@@ -172,9 +170,7 @@ def main() -> None:
             print(f"| {r['name']} | {r['loss_first']:.3f} | {r['loss_last10']:.3f} | {r['eval_loss']:.3f} | "
                   f"{r['tokens_per_s']:,.0f} | {r['bytes_per_step'] / 1e6:.2f} | {r['mlp_bytes'] / 1e6:.2f} | "
                   f"{r['params']:,} | {r['mlp_params']:,} |")
-        print(f"cost model ({backend}), MLP MB/step/rank: TP {tp_mlp / 1e6:.2f}, phantom {ph_mlp / 1e6:.2f}"
-              + ("; gloo runs reduce-scatter as an all-reduce plus slice, so the ghost-gradient "
-                 "reduce-scatters cost twice what NCCL's ring would" if backend == "gloo" else ""))
+        print(f"cost model, MLP MB/step/rank: TP {tp_mlp / 1e6:.2f}, phantom {ph_mlp / 1e6:.2f}")
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

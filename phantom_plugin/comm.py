@@ -11,9 +11,11 @@ Every collective the plugin issues goes through this module. Each call
 Bytes sent per rank assume the bandwidth-optimal ring algorithms that NCCL and gloo use: an
 all-gather or reduce-scatter of a ``p``-chunk tensor sends ``(p-1)`` chunks per rank, an
 all-reduce ``2(p-1)`` chunks, an all-to-all ``(p-1)`` chunks. gloo has no reduce-scatter
-algorithm (torch emulates it with an all-reduce): there the record says
-``algorithm="allreduce+slice"`` with the all-reduce's ``2(p-1)`` chunks. Both facts were
-checked against the loopback interface's transmitted-byte counter (``benchmarks/wire_check.py``).
+algorithm (torch's gloo ``reduce_scatter`` runs an all-reduce, ``2(p-1)`` chunks), so on gloo
+:func:`reduce_scatter` is an all-to-all plus a local sum (``algorithm="all_to_all+sum"``,
+``(p-1)`` chunks); a third-party gloo reduce-scatter seen by :func:`intercept_torch_collectives`
+is recorded as ``allreduce+slice`` with ``2(p-1)``. These counts were checked against the
+loopback interface's transmitted-byte counter (``benchmarks/wire_check.py``).
 """
 from __future__ import annotations
 
@@ -140,7 +142,6 @@ def _torch_backend() -> _Backend:
 
 _BACKEND = _torch_backend()
 _TIMEOUT: Optional[datetime.timedelta] = None
-_NO_NATIVE_RS: set[str] = set()  # backend names found to lack reduce-scatter
 
 
 @contextlib.contextmanager
@@ -221,10 +222,11 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
                    tag: str = ""):
     """Sum ``x`` ``[p, m, ...]`` over ranks and return this rank's chunk ``[m, ...]``.
 
-    gloo has no reduce-scatter algorithm of its own: torch's gloo backend runs an all-reduce
-    and keeps a slice (measured on the loopback interface: ``2(p-1)`` chunks leave each rank,
-    as for an all-reduce), so on gloo the record says ``allreduce+slice`` with those bytes.
-    Where the backend refuses the call, the same all-reduce plus slice is issued explicitly.
+    gloo has no reduce-scatter algorithm of its own (torch's gloo backend runs an all-reduce and
+    keeps a slice, ``2(p-1)`` chunks per rank, measured on the loopback interface). Here, on
+    gloo, each rank instead sends chunk ``j`` to rank ``j`` with one all-to-all and sums the
+    ``p`` chunks it receives: a true reduce-scatter, ``(p-1)`` chunks per rank as NCCL's ring,
+    in one round of messages. Other backends use their native reduce-scatter.
     """
     p = group_size(group)
     if p == 1:
@@ -232,28 +234,18 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
         return Handle(None, out) if async_op else out
     if x.shape[0] != p:
         raise ValueError(f"reduce_scatter: leading dim {x.shape[0]} != group size {p}")
-    x = x.contiguous()
-    chunk_shape = x.shape[1:]
-    if x.dim() > 1:
-        x = x.reshape((p * x.shape[1],) + tuple(x.shape[2:]))          # [p*m, ...]
-    backend = str(dist.get_backend(group)).lower()
-    if backend not in _NO_NATIVE_RS:
-        out = torch.empty((x.shape[0] // p,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-        try:
-            work = _BACKEND.reduce_scatter_tensor(out, x, group=group, async_op=True)
-        except (RuntimeError, NotImplementedError):
-            _NO_NATIVE_RS.add(backend)
-        else:
-            if "gloo" in backend:
-                _record("reduce_scatter", "allreduce+slice", p, x, 2 * (p - 1), tag)
-            else:
-                _record("reduce_scatter", "ring", p, x, p - 1, tag)
-            h = Handle(work, out.view(chunk_shape))
-            return h if async_op else h.wait()
-    r = group_rank(group)
-    _record("reduce_scatter", "allreduce+slice", p, x, 2 * (p - 1), tag)
-    work = _BACKEND.all_reduce(x, group=group, async_op=True)
-    h = Handle(work, x, finish=lambda full: full.view((p,) + tuple(chunk_shape))[r])
+    chunk_shape = tuple(x.shape[1:])
+    flat = x.reshape((p * x.shape[1],) + tuple(x.shape[2:])) if x.dim() > 1 else x.contiguous()
+    if "gloo" in str(dist.get_backend(group)).lower():
+        recv = torch.empty_like(flat)
+        _record("reduce_scatter", "all_to_all+sum", p, flat, p - 1, tag)
+        work = _BACKEND.all_to_all_single(recv, flat, group=group, async_op=True)
+        h = Handle(work, recv, finish=lambda r: r.view((p,) + chunk_shape).sum(0))
+        return h if async_op else h.wait()
+    out = torch.empty((flat.shape[0] // p,) + tuple(flat.shape[1:]), dtype=x.dtype, device=x.device)
+    _record("reduce_scatter", "ring", p, flat, p - 1, tag)
+    work = _BACKEND.reduce_scatter_tensor(out, flat, group=group, async_op=True)
+    h = Handle(work, out.view(chunk_shape))
     return h if async_op else h.wait()
 
 

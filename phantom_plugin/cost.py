@@ -4,8 +4,8 @@ Everything is per training step (one forward and one backward) for a batch of ``
 samples (or tokens). MACs and saved activations are **per rank**; parameters are for the
 **whole group** (``params_per_rank`` too). Bytes are what **one rank sends** under the
 algorithm each :class:`Message` names: ring all-gather / reduce-scatter send ``(p-1)`` chunks of
-``1/p`` of the gathered tensor, a ring all-reduce ``2(p-1)`` chunks. ``backend="gloo"`` models
-gloo's reduce-scatter, an all-reduce plus slice (``2(p-1)`` chunks). These are the same numbers
+``1/p`` of the gathered tensor, a ring all-reduce ``2(p-1)`` chunks (on gloo, which has no reduce-scatter, the plugin runs an
+all-to-all plus a local sum: the same ``(p-1)`` chunks). These are the same numbers
 :mod:`phantom_plugin.comm` records for the calls the code makes, so tests compare them exactly.
 
 The TP side describes megatron-core's ``ColumnParallelLinear`` -> ``RowParallelLinear`` pairs:
@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-__all__ = ["BACKENDS", "Message", "Cost", "phantom_linear_cost", "phantom_ffn_cost", "tp_ffn_cost",
+__all__ = ["Message", "Cost", "phantom_linear_cost", "phantom_ffn_cost", "tp_ffn_cost",
            "phantom_mlp_cost", "tp_mlp_cost", "suggest_ghost_dim", "DTYPE_BYTES"]
 
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
@@ -63,14 +63,7 @@ class Cost:
                       for f in dataclasses.fields(Cost)))
 
 
-BACKENDS = ("nccl", "gloo")
-
-
-def _ring(op: str, direction: str, values: int, p: int, elt: int, backend: str = "nccl") -> Message:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if op == "reduce_scatter" and backend == "gloo":
-        return Message(op, direction, "allreduce+slice", values, values * elt // p * 2 * (p - 1))
+def _ring(op: str, direction: str, values: int, p: int, elt: int) -> Message:
     chunks = 2 * (p - 1) if op == "all_reduce" else p - 1
     return Message(op, direction, "ring", values, values * elt // p * chunks)
 
@@ -81,7 +74,7 @@ def _check(n: int, p: int, name: str) -> None:
 
 
 def phantom_linear_cost(n_in: int, n_out: int, *, p: int, k: int, batch: int, dtype_bytes: int = 4,
-                        bias: bool = True, backend: str = "nccl") -> Cost:
+                        bias: bool = True) -> Cost:
     """One ``PhantomLinear`` (the table of ``PHANTOM_MATH.md``)."""
     _check(n_in, p, "n_in"), _check(n_out, p, "n_out")
     mi, mo = n_in // p, n_out // p
@@ -91,7 +84,7 @@ def phantom_linear_cost(n_in: int, n_out: int, *, p: int, k: int, batch: int, dt
     msgs: tuple[Message, ...] = ()
     if p > 1:
         msgs = (_ring("all_gather", "fwd", p * k * batch, p, dtype_bytes),
-                _ring("reduce_scatter", "bwd", p * k * batch, p, dtype_bytes, backend))
+                _ring("reduce_scatter", "bwd", p * k * batch, p, dtype_bytes))
     return Cost(per_rank * p, per_rank, macs, 2 * macs, batch * (mi + (p - 1) * kk), msgs)
 
 
@@ -102,7 +95,7 @@ def _edge(op_fwd: Optional[str], op_bwd: Optional[str], n: int, p: int, batch: i
 
 
 def phantom_ffn_cost(width: int, depth: int, *, p: int, k: int, batch: int, dtype_bytes: int = 4,
-                     bias: bool = True, input_requires_grad: bool = False, backend: str = "nccl") -> Cost:
+                     bias: bool = True, input_requires_grad: bool = False) -> Cost:
     """``PhantomFFN``: scatter edge, ``depth`` phantom layers, gather edge.
 
     The output edge all-gathers ``width`` values per sample forward; the input edge all-gathers
@@ -113,7 +106,7 @@ def phantom_ffn_cost(width: int, depth: int, *, p: int, k: int, batch: int, dtyp
         total = total + _edge(None, "all_gather", width, p, batch, dtype_bytes)
     for _ in range(depth):
         total = total + phantom_linear_cost(width, width, p=p, k=k, batch=batch,
-                                            dtype_bytes=dtype_bytes, bias=bias, backend=backend)
+                                            dtype_bytes=dtype_bytes, bias=bias)
     return total
 
 
@@ -151,7 +144,7 @@ def tp_ffn_cost(width: int, depth: int, *, p: int, batch: int, dtype_bytes: int 
 
 
 def phantom_mlp_cost(hidden: int, ffn_hidden: int, *, p: int, k: int, tokens: int, gated: bool = False,
-                     dtype_bytes: int = 4, bias: bool = True, backend: str = "nccl") -> Cost:
+                     dtype_bytes: int = 4, bias: bool = True) -> Cost:
     """Transformer MLP in phantom form: split, phantom fc1 (``2*ffn`` outputs when gated), act, phantom fc2, gather.
 
     Per token: all-gather of ``hidden`` forward (output edge) and backward (input edge), and
@@ -160,9 +153,9 @@ def phantom_mlp_cost(hidden: int, ffn_hidden: int, *, p: int, k: int, tokens: in
     fc1_out = 2 * ffn_hidden if gated else ffn_hidden
     return (_edge("all_gather", "all_gather", hidden, p, tokens, dtype_bytes)
             + phantom_linear_cost(hidden, fc1_out, p=p, k=k, batch=tokens, dtype_bytes=dtype_bytes,
-                                  bias=bias, backend=backend)
+                                  bias=bias)
             + phantom_linear_cost(ffn_hidden, hidden, p=p, k=k, batch=tokens, dtype_bytes=dtype_bytes,
-                                  bias=bias, backend=backend))
+                                  bias=bias))
 
 
 def tp_mlp_cost(hidden: int, ffn_hidden: int, *, p: int, tokens: int, gated: bool = False,

@@ -24,12 +24,11 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
-def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,
-               backend: str = "nccl") -> str:
+def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str) -> str:
     """Markdown table of :func:`cost.tp_ffn_cost` against :func:`cost.phantom_ffn_cost`."""
     elt = cost.DTYPE_BYTES[dtype]
     tp = cost.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt)
-    ph = cost.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt, backend=backend)
+    ph = cost.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)
     rows = [
         ("parameters (whole group)", tp.params, ph.params),
         ("parameters per rank", tp.params_per_rank, ph.params_per_rank),
@@ -41,8 +40,8 @@ def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtyp
         ("collectives per step", len(tp.messages), len(ph.messages)),
         ("saved activations (values per rank)", tp.activation_values, ph.activation_values),
     ]
-    out = [f"FFN width {width}, depth {depth}, {ranks} ranks, k={ghosts}, batch {batch}, {dtype}, "
-           f"{backend} (modeled, per training step)", "",
+    out = [f"FFN width {width}, depth {depth}, {ranks} ranks, k={ghosts}, batch {batch}, {dtype} "
+           "(modeled, per training step)", "",
            "| | TP (Megatron column/row) | phantom | phantom/TP |", "|---|---:|---:|---:|"]
     for name, a, b in rows:
         ratio = f"{b / a:.4f}" if a else "-"
@@ -59,8 +58,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--ghosts", type=int, help="ghost neurons per rank k (omit with a budget to get a suggestion)")
     ap.add_argument("--batch", type=int, default=1, help="samples (or tokens) per step")
     ap.add_argument("--dtype", default="fp32", choices=sorted(cost.DTYPE_BYTES))
-    ap.add_argument("--backend", default="nccl", choices=cost.BACKENDS,
-                    help="collective library (gloo emulates reduce-scatter with an all-reduce)")
     ap.add_argument("--param-budget", type=float, help="suggest the largest k with params <= this fraction of TP's")
     ap.add_argument("--traffic-budget", type=float, help="suggest the largest k with bytes <= this fraction of TP's")
     a = ap.parse_args(argv)
@@ -81,7 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("give --ghosts K, or --param-budget / --traffic-budget to have k suggested")
     if not 1 <= ghosts <= a.width // a.ranks:
         ap.error(f"--ghosts must be between 1 and width/ranks = {a.width // a.ranks}")
-    print(plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.backend))
+    print(plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype))
     return 0
 
 

@@ -50,11 +50,3 @@ def test_phantom_plan_cli(capsys):
         plan_main(["--width", "100", "--depth", "2", "--ranks", "8", "--ghosts", "4"])
     assert "not divisible" in capsys.readouterr().err
 
-
-def test_gloo_reduce_scatter_is_modeled_as_an_all_reduce():
-    nccl = cost.phantom_linear_cost(64, 64, p=4, k=2, batch=3, backend="nccl")
-    gloo = cost.phantom_linear_cost(64, 64, p=4, k=2, batch=3, backend="gloo")
-    assert gloo.bytes_by("fwd") == nccl.bytes_by("fwd")
-    assert gloo.bytes_by("bwd") == 2 * nccl.bytes_by("bwd")
-    with pytest.raises(ValueError, match="backend must be one of"):
-        cost.phantom_linear_cost(64, 64, p=4, k=2, batch=3, backend="mpi")

@@ -96,12 +96,12 @@ def count_params(model: torch.nn.Module, p: int) -> int:
                for t in model.parameters())
 
 
-def model_cost(spec: RunSpec, p: int, backend: str = "gloo") -> cost.Cost:
-    """The cost model's figures for ``spec`` on ``p`` ranks (per rank, per step) over ``backend``."""
+def model_cost(spec: RunSpec, p: int) -> cost.Cost:
+    """The cost model's figures for ``spec`` on ``p`` ranks (per rank, per step)."""
     elt = torch.tensor([], dtype=_DTYPES[spec.dtype]).element_size()
     if spec.mode == "phantom":
         return cost.phantom_ffn_cost(spec.width, spec.depth, p=p, k=spec.ghost_dim, batch=spec.batch,
-                                     dtype_bytes=elt, backend=backend)
+                                     dtype_bytes=elt)
     return cost.tp_ffn_cost(spec.width, spec.depth, p=p, batch=spec.batch, dtype_bytes=elt)
 
 
@@ -210,7 +210,7 @@ def _all_agree(flag: bool, group) -> bool:
 def _result(spec, p, model, device, losses, times, cpu_sum, sent, window, reached_at, probe) -> dict:
     w = spec.warmup
     timed = times[w:]
-    mc = model_cost(spec, p, "nccl" if device.type == "cuda" else "gloo")
+    mc = model_cost(spec, p)
     step_time = statistics.median(timed)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
