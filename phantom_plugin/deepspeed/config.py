@@ -39,7 +39,7 @@ class PhantomConfigError(ValueError):
 
 
 class PhantomParallelConfig(DeepSpeedConfigModel):
-    """``"phantom_parallel": {...}``; see ``docs/deepspeed.md`` for each field."""
+    """``"phantom_parallel": {...}``; each field is described in the DeepSpeed section of ``README.md``."""
 
     enabled: StrictBool = False
     size: StrictInt = Field(2, ge=1)
