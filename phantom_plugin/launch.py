@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import queue as queue_mod
 import socket
 import traceback
 
@@ -67,7 +68,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 180, pg_timeout_s: fl
             try:
                 rank, status, value = queue.get(timeout=min(remaining, 1.0))
                 results[rank] = (status, value)
-            except Exception:  # queue.Empty: check for ranks that died without reporting
+            except queue_mod.Empty:  # check for ranks that died without reporting
                 if all(not p.is_alive() for p in procs) and queue.empty():
                     break
     finally:
