@@ -18,25 +18,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import sysconfig
 import time
 
 import torch
 import torch.distributed as dist
 
-
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    """Up to ``limit`` bytes of the standard library's ``.py`` files (sorted walk), as int64 tokens."""
-    root, buf = sysconfig.get_paths()["stdlib"], bytearray()
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages"))
-        for f in sorted(files):
-            if f.endswith(".py"):
-                with open(os.path.join(dirpath, f), "rb") as fh:
-                    buf += fh.read()
-            if len(buf) >= limit:
-                return torch.tensor(list(buf[:limit]), dtype=torch.int64)
-    return torch.tensor(list(buf), dtype=torch.int64)
+from phantom_plugin.megatron.data import stdlib_bytes
 
 
 def make_batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int):

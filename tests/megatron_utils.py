@@ -6,10 +6,10 @@ spawned test ranks. The plugin itself never does this.
 """
 from __future__ import annotations
 
-import os
-import sysconfig
 
 import torch
+
+from phantom_plugin.megatron.data import stdlib_bytes
 
 
 def init_megatron(tp: int, pp: int = 1, seed: int = 1234) -> None:
@@ -44,24 +44,9 @@ def build_gpt(config, spec, *, vocab: int = 256, seq: int = 16, pre_process: boo
                     pre_process=pre_process, post_process=post_process)
 
 
-def stdlib_tokens(n: int) -> torch.Tensor:
-    """The first ``n`` bytes of the standard library's ``.py`` sources (sorted paths), as int64."""
-    root = sysconfig.get_paths()["stdlib"]
-    buf = bytearray()
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames.sort()
-        for f in sorted(files):
-            if f.endswith(".py"):
-                with open(os.path.join(dirpath, f), "rb") as fh:
-                    buf += fh.read()
-                if len(buf) >= n:
-                    return torch.tensor(list(buf[:n]), dtype=torch.int64)
-    raise RuntimeError("not enough stdlib source")
-
-
 def batches(n_steps: int, batch: int, seq: int):
     """``[(tokens [b, s], labels [b, s], position_ids [b, s])]`` from stdlib bytes."""
-    data = stdlib_tokens(n_steps * batch * (seq + 1)).view(n_steps, batch, seq + 1)
+    data = stdlib_bytes(n_steps * batch * (seq + 1)).view(n_steps, batch, seq + 1)
     pos = torch.arange(seq).expand(batch, seq)
     return [(d[:, :-1].contiguous(), d[:, 1:].contiguous(), pos) for d in data]
 

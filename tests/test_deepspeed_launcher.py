@@ -321,7 +321,6 @@ def _case_two(out: dict, tmp: Path) -> None:
 
 
 def _case_zero(out: dict, tmp: Path) -> None:
-    import torch
     Net, _ = _nets()
     steps = 5
     dp_rank = int(os.environ["RANK"]) // 2                # phantom size 2 varies fastest

@@ -46,7 +46,6 @@ def _train(rank, world):
 
 def _grad_norm(rank, world):
     """Megatron's grad-norm path (its parameter filter and get_grad_norm_fp32) against all grads."""
-    import torch
     import megatron_utils as mu
     from megatron.core import parallel_state
     from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
