@@ -178,7 +178,7 @@ class Handle:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            if _TIMEOUT is not None and hasattr(self._work, "wait"):
+            if _TIMEOUT is not None:
                 ok = self._work.wait(timeout=_TIMEOUT)
                 if ok is False:
                     raise RuntimeError(f"collective timed out after {_TIMEOUT}")
@@ -192,7 +192,7 @@ class Handle:
 
 def _record(op: str, algorithm: str, p: int, t: torch.Tensor, chunks_sent: int, tag: str) -> None:
     wire = _BACKEND.wire_dtype if t.is_floating_point() else None
-    payload = t.numel() * (t.element_size() if wire is None else torch.tensor([], dtype=wire).element_size())
+    payload = t.numel() * (t.element_size() if wire is None else wire.itemsize)
     COUNTER.add(CommRecord(op, algorithm, p, t.numel(), t.dtype, payload,
                            payload // p * chunks_sent, tag))
 

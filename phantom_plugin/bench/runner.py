@@ -15,6 +15,7 @@ summed over the group explicitly at the end. Reported by rank 0: medians after `
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -98,7 +99,7 @@ def count_params(model: torch.nn.Module, p: int) -> int:
 
 def model_cost(spec: RunSpec, p: int) -> cost.Cost:
     """The cost model's figures for ``spec`` on ``p`` ranks (per rank, per step)."""
-    elt = torch.tensor([], dtype=_DTYPES[spec.dtype]).element_size()
+    elt = _DTYPES[spec.dtype].itemsize
     if spec.mode == "phantom":
         return cost.phantom_ffn_cost(spec.width, spec.depth, p=p, k=spec.ghost_dim, batch=spec.batch,
                                      dtype_bytes=elt)
@@ -159,7 +160,7 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
     if progress and rank == 0:
         from tqdm import tqdm
         bar = tqdm(total=spec.steps, desc=f"{spec.mode:>7} p={world_size} w={spec.width}", leave=False)
-    intercept = comm.intercept_torch_collectives() if spec.mode == "tp" else _null()
+    intercept = comm.intercept_torch_collectives() if spec.mode == "tp" else contextlib.nullcontext()
     reached_at = None
     with intercept:
         for step in range(spec.steps):
@@ -244,11 +245,3 @@ def _result(spec, p, model, device, losses, times, cpu_sum, sent, window, reache
         "probe": probe,
         "machine": machine_description(device),
     }
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
