@@ -16,6 +16,13 @@ algorithm (torch's gloo ``reduce_scatter`` runs an all-reduce, ``2(p-1)`` chunks
 ``(p-1)`` chunks); a third-party gloo reduce-scatter seen by :func:`intercept_torch_collectives`
 is recorded as ``allreduce+slice`` with ``2(p-1)``. These counts were checked against the
 loopback interface's transmitted-byte counter (``benchmarks/wire_check.py``).
+
+Devices: each collective runs on the device the group's backend serves for the tensor's device
+type (:func:`collective_device`, decided from the tensor and the group's per-device backends, so
+``"undefined"``, ``"nccl"`` and ``"cpu:gloo,cuda:nccl"`` groups all work); a tensor on another
+device is moved there and the result moved back (a CPU tensor through an NCCL-only group, a CUDA
+tensor through gloo). On CUDA, ``wait()`` only orders the current stream after the collective
+(no host block); timeouts there are the process group's own.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import dataclasses
 import datetime
 import functools
 import inspect
+import os
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -32,7 +40,7 @@ import torch.distributed as dist
 __all__ = [
     "CommRecord", "CommCounter", "COUNTER", "Handle", "group_size", "group_rank",
     "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "use_backend",
-    "set_timeout", "intercept_torch_collectives", "collective_device",
+    "set_timeout", "intercept_torch_collectives", "collective_device", "group_backends",
 ]
 
 
@@ -165,7 +173,12 @@ def use_backend(module) -> Iterator[None]:
 
 
 def set_timeout(seconds: Optional[float]) -> None:
-    """Bound every wait on a collective (``None``: the process group's own timeout)."""
+    """Bound every wait on a collective whose result is on the CPU (``None``: the group's own timeout).
+
+    Waits on CUDA results are never bounded here: a bounded NCCL wait blocks the host until the
+    collective ends, which removes the overlap of communication with compute. There the process
+    group's timeout (``init_process_group(timeout=...)``, NCCL's watchdog) applies.
+    """
     global _TIMEOUT
     _TIMEOUT = None if seconds is None else datetime.timedelta(seconds=seconds)
 
@@ -178,7 +191,7 @@ class Handle:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            if _TIMEOUT is not None:
+            if _TIMEOUT is not None and self._result.device.type == "cpu":
                 ok = self._work.wait(timeout=_TIMEOUT)
                 if ok is False:
                     raise RuntimeError(f"collective timed out after {_TIMEOUT}")
@@ -197,24 +210,33 @@ def _record(op: str, algorithm: str, p: int, t: torch.Tensor, chunks_sent: int, 
                            payload // p * chunks_sent, tag))
 
 
+def _on(x: torch.Tensor, group) -> tuple[torch.Tensor, Optional[Callable]]:
+    """``x`` on the collective's device, and how to bring a result back (``None``: it is home)."""
+    dev = collective_device(group, x)
+    if dev == x.device:
+        return x, None
+    home = x.device
+    return x.to(dev), (lambda r: r.to(home))
+
+
 def all_gather(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
                tag: str = ""):
     """Gather ``x`` ``[m, ...]`` from every rank into ``[p, m, ...]`` (rank order).
 
-    Returns the tensor, or a :class:`Handle` when ``async_op``.
+    Returns the tensor (on ``x``'s device), or a :class:`Handle` when ``async_op``.
     """
     p = group_size(group)
     if p == 1:
         out = x.unsqueeze(0)
         return Handle(None, out) if async_op else out
-    x = x.contiguous()
     if x.dim() == 0:
         x = x.reshape(1)
+    x, back = _on(x.contiguous(), group)
     # backends gather along dim 0 into [p*m, ...]; the [p, m, ...] view of it is free
     flat = torch.empty((p * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _record("all_gather", "ring", p, flat, p - 1, tag)
     work = _BACKEND.all_gather_into_tensor(flat, x, group=group, async_op=True)
-    h = Handle(work, flat.view((p,) + tuple(x.shape)))
+    h = Handle(work, flat.view((p,) + tuple(x.shape)), finish=back)
     return h if async_op else h.wait()
 
 
@@ -223,10 +245,11 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
     """Sum ``x`` ``[p, m, ...]`` over ranks and return this rank's chunk ``[m, ...]``.
 
     gloo has no reduce-scatter algorithm of its own (torch's gloo backend runs an all-reduce and
-    keeps a slice, ``2(p-1)`` chunks per rank, measured on the loopback interface). Here, on
-    gloo, each rank instead sends chunk ``j`` to rank ``j`` with one all-to-all and sums the
-    ``p`` chunks it receives: a true reduce-scatter, ``(p-1)`` chunks per rank as NCCL's ring,
-    in one round of messages. Other backends use their native reduce-scatter.
+    keeps a slice, ``2(p-1)`` chunks per rank, measured on the loopback interface). Here, when
+    the collective runs on gloo (CPU), each rank instead sends chunk ``j`` to rank ``j`` with one
+    all-to-all and sums the ``p`` chunks it receives: a true reduce-scatter, ``(p-1)`` chunks per
+    rank as NCCL's ring, in one round of messages. Every other backend (NCCL for CUDA tensors)
+    runs its native reduce-scatter.
     """
     p = group_size(group)
     if p == 1:
@@ -235,29 +258,36 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
     if x.shape[0] != p:
         raise ValueError(f"reduce_scatter: leading dim {x.shape[0]} != group size {p}")
     chunk_shape = tuple(x.shape[1:])
+    x, back = _on(x, group)
     flat = x.reshape((p * x.shape[1],) + tuple(x.shape[2:])) if x.dim() > 1 else x.contiguous()
-    if "gloo" in str(dist.get_backend(group)).lower():
+    if _is_gloo(group, flat.device):
         recv = torch.empty_like(flat)
         _record("reduce_scatter", "all_to_all+sum", p, flat, p - 1, tag)
         work = _BACKEND.all_to_all_single(recv, flat, group=group, async_op=True)
-        h = Handle(work, recv, finish=lambda r: r.view((p,) + chunk_shape).sum(0))
+
+        def finish(r):
+            r = r.view((p,) + chunk_shape).sum(0)
+            return r if back is None else back(r)
+        h = Handle(work, recv, finish=finish)
         return h if async_op else h.wait()
     out = torch.empty((flat.shape[0] // p,) + tuple(flat.shape[1:]), dtype=x.dtype, device=x.device)
     _record("reduce_scatter", "ring", p, flat, p - 1, tag)
     work = _BACKEND.reduce_scatter_tensor(out, flat, group=group, async_op=True)
-    h = Handle(work, out.view(chunk_shape))
+    h = Handle(work, out.view(chunk_shape), finish=back)
     return h if async_op else h.wait()
 
 
 def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
                tag: str = ""):
-    """Sum ``x`` over ranks, in place."""
+    """Sum ``x`` over ranks, in place (``x`` itself holds the result after ``wait``)."""
     p = group_size(group)
     if p == 1:
         return Handle(None, x) if async_op else x
+    home = x
+    x, back = _on(x, group)
     _record("all_reduce", "ring", p, x, 2 * (p - 1), tag)
     work = _BACKEND.all_reduce(x, group=group, async_op=True)
-    h = Handle(work, x)
+    h = Handle(work, x, finish=None if back is None else (lambda r: home.copy_(r)))
     return h if async_op else h.wait()
 
 
@@ -270,11 +300,12 @@ def all_to_all(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op:
     if x.shape[0] != p:
         raise ValueError(f"all_to_all: leading dim {x.shape[0]} != group size {p}")
     shape = x.shape
+    x, back = _on(x, group)
     x = x.reshape((p * x.shape[1],) + tuple(x.shape[2:])) if x.dim() > 1 else x.contiguous()
     out = torch.empty_like(x)
     _record("all_to_all", "pairwise", p, x, p - 1, tag)
     work = _BACKEND.all_to_all_single(out, x, group=group, async_op=True)
-    h = Handle(work, out.view(shape))
+    h = Handle(work, out.view(shape), finish=back)
     return h if async_op else h.wait()
 
 
@@ -311,7 +342,8 @@ def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
             group = bound.get("group")
             p = group_size(group)
             if p > 1:
-                if op == "reduce_scatter" and "gloo" in str(dist.get_backend(group)).lower():
+                payload = bound[payload_arg]
+                if op == "reduce_scatter" and _is_gloo(group, payload.device):
                     _record(op, "allreduce+slice", p, bound[payload_arg], 2 * (p - 1), tag)
                 else:
                     _record(op, "ring", p, bound[payload_arg], chunks(p), tag)
@@ -330,8 +362,93 @@ def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
             setattr(dist, name, fn)
 
 
-def collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    """Device a small tensor must live on to go through ``group`` (CUDA for NCCL, else CPU)."""
-    if dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+# --- which device a collective runs on ------------------------------------------------------
+
+# Devices each backend serves when a group names a bare backend. gloo is taken as CPU-only on
+# purpose: its CUDA paths stage through host memory anyway, and not every collective has one.
+_CAPABILITY = {"gloo": ("cpu",), "nccl": ("cuda",), "xccl": ("xpu",), "mpi": ("cpu",),
+               "ucc": ("cpu", "cuda"), "hccl": ("npu",)}
+# torch's lazily initialised "undefined" backend: one backend per device type on first use
+_UNDEFINED = {"cpu": "gloo", "cuda": "nccl", "xpu": "xccl"}
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_backends(config: str) -> tuple[tuple[str, str], ...]:
+    """``"cpu:gloo,cuda:nccl"`` / ``"nccl"`` / ``"undefined"`` -> ((device type, backend), ...)."""
+    out: dict[str, str] = {}
+    for part in config.lower().replace(" ", "").split(","):
+        if ":" in part:
+            device, name = part.split(":", 1)
+            out.setdefault(device, name)
+        elif part == "undefined":
+            for device, name in _UNDEFINED.items():
+                out.setdefault(device, name)
+        elif part:
+            for device in _CAPABILITY.get(part, ("cpu", "cuda")):
+                out.setdefault(device, part)
+    return tuple(out.items())
+
+
+def group_backends(group: Optional[dist.ProcessGroup]) -> dict[str, str]:
+    """``{device type: backend name}`` of ``group`` (``{}`` without torch.distributed).
+
+    Read from ``torch.distributed.get_backend_config`` (``"cpu:gloo,cuda:nccl"``; a bare
+    ``"nccl"`` serves CUDA only, ``"gloo"`` is used for CPU tensors only).
+    """
+    if not dist.is_initialized():
+        return {}
+    try:
+        config = dist.get_backend_config(group)
+    except (AttributeError, ValueError, RuntimeError):
+        config = str(dist.get_backend(group))
+    return dict(_parse_backends(str(config)))
+
+
+def _served(group) -> dict[str, str]:
+    return {d: b for d, b in group_backends(group).items() if not (b == "gloo" and d != "cpu")}
+
+
+def _is_gloo(group, device: torch.device) -> bool:
+    return group_backends(group).get(device.type) == "gloo" or (
+        device.type != "cpu" and device.type not in _served(group))
+
+
+def _rank_cuda_device(group) -> torch.device:
+    """This rank's CUDA device: the group's bound device, else the current device once it is set."""
+    bound = getattr(group if group is not None else dist.group.WORLD, "bound_device_id", None)
+    if bound is not None:
+        return bound
+    current = torch.cuda.current_device()
+    local, count = os.environ.get("LOCAL_RANK"), torch.cuda.device_count()
+    if current == 0 and local is not None and local.isdigit() and count > 1 and int(local) % count:
+        raise RuntimeError(
+            f"phantom_plugin: this rank (LOCAL_RANK={local}) still has cuda:0 as its current device, "
+            "so its NCCL collectives would run on cuda:0 with every other rank's. Call "
+            f"torch.cuda.set_device({int(local) % count}) (or init_process_group(device_id=...)) "
+            "before building or running phantom layers")
+    return torch.device("cuda", current)
+
+
+def collective_device(group: Optional[dist.ProcessGroup],
+                      like: Optional[torch.Tensor] = None) -> torch.device:
+    """The device a collective of ``group`` runs on for a tensor like ``like``.
+
+    ``like``'s own device when one of the group's backends serves its device type (NCCL: CUDA;
+    gloo: CPU), else the CPU when the group serves it, else this rank's CUDA device (the group's
+    bound device, or ``torch.cuda.current_device()``, refused while a nonzero ``LOCAL_RANK``
+    still points at ``cuda:0``). ``like=None`` (small setup tensors) prefers the CPU.
+    """
+    if not dist.is_initialized():
+        return like.device if like is not None else torch.device("cpu")
+    served = _served(group)
+    if like is not None and like.device.type in served:
+        return like.device
+    if "cpu" in served:
+        return torch.device("cpu")
+    if "cuda" in served:
+        return _rank_cuda_device(group)
+    if served:
+        return torch.device(next(iter(served)))
+    raise RuntimeError(f"phantom_plugin: process group with backend {dist.get_backend(group)!r} "
+                       "serves no device this plugin can use; create it with backend 'nccl', "
+                       "'gloo' or 'cpu:gloo,cuda:nccl'")
