@@ -234,3 +234,19 @@ def test_phantom_mlp_honours_perform_initialization_and_meta_device():
         assert out["meta"] == (0, True, True, True), out
         assert out["draw"][1:] == (False, True, True), out
         assert out["draw"][0] == 4, out            # layer-0 seeds at construction, layer 3's after
+
+
+# --- the GPU script's smoke test, on CPU ----------------------------------------------------------
+
+def test_gpu_smoke_script_passes_on_cpu(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_smoke.py"), "--device", "cpu",
+                    "--window-s", "0", "--out", str(tmp_path)], check=True, capture_output=True, timeout=300)
+    doc = json.load(open(tmp_path / "gpu_smoke.json"))
+    assert all(c["ok"] for c in doc["checks"].values()), doc
+    assert set(doc["checks"]) >= {"simulated_ranks_fp32", "simulated_ranks_autocast_bf16", "from_dense",
+                                  "gloo_ranks_on_device", "energy"}
