@@ -250,3 +250,26 @@ def test_gpu_smoke_script_passes_on_cpu(tmp_path):
     assert all(c["ok"] for c in doc["checks"].values()), doc
     assert set(doc["checks"]) >= {"simulated_ranks_fp32", "simulated_ranks_autocast_bf16", "from_dense",
                                   "gloo_ranks_on_device", "energy"}
+
+
+def test_gpu_extrapolation_states_the_link_and_overlaps_only_what_the_code_can():
+    import argparse
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import gpu_layer_check as g
+    args = argparse.Namespace(gpus_per_node=8, nvlink_gbs=450.0, net_gbs=50.0, pj_per_byte=80.0)
+    for p, words in ((8, "NVLink"), (16, "inter-node")):
+        gbs = 450.0 if p == 8 else 50.0
+        row = {"p": p, "phantom_bytes": 1.0 * gbs * 1e9, "tp_bytes": 0.4 * gbs * 1e9,  # 0.5 s per ghost collective, 0.4 s per all-reduce
+               "overlap": {"phantom_fwd_s": 0.1, "phantom_bwd_s": 0.2, "tp_weight_grad_s": 0.3},
+               "phantom": {"time_s": 1.0, "energy_j": None}, "tp": {"time_s": 1.0, "energy_j": 2.0}}
+        g.extrapolate(row, args)
+        assert words in row["link"] and row["link_gbs_per_direction"] == gbs
+        ph, tp = row["phantom"], row["tp"]
+        assert ph["extrapolated_step_s_serial"] == pytest.approx(2.0)
+        # only the 0.1 s + 0.2 s of local GEMMs hide the 2 x 0.5 s exchange
+        assert ph["extrapolated_step_s_overlapped"] == pytest.approx(1.0 - 0.3 + 0.5 + 0.5)
+        # per layer of a pair: forward all-reduce serial, backward one hidden by the 0.3 s weight grad
+        assert tp["extrapolated_step_s_overlapped"] == pytest.approx((2.0 + 0.4 + 0.1) / 2)
+        assert tp["extrapolated_energy_j"] == pytest.approx(2.0 + 0.4 * gbs * 1e9 * 80e-12)
