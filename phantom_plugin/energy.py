@@ -99,13 +99,23 @@ class _Nvml:
         if hasattr(nvml, "nvmlDeviceGetPciInfo"):
             bus = _norm_bus_id(nvml.nvmlDeviceGetPciInfo(handle).busId)
         self.label = f"gpu:{bus}" if bus else f"gpu:nvml{index}"
-        mig = " shared by its MIG instances" if uuid is not None and uuid.startswith("MIG-") else ""
+        mig = " shared by its MIG instances" if _mig_enabled(nvml, handle, uuid) else ""
         self.scope = f"this rank's GPU ({self.label}, found by {how}; whole board{mig})"
         self.read()  # raises NVMLError (NotSupported before Volta) here, not mid-window
 
     def read(self) -> dict:
         mj = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)   # millijoules
         return {self.label: mj / 1000.0}
+
+
+def _mig_enabled(nvml, handle, uuid: Optional[str]) -> bool:
+    """MIG mode of the board (NVML), else whether this process was given a MIG instance."""
+    if hasattr(nvml, "nvmlDeviceGetMigMode"):
+        try:
+            return nvml.nvmlDeviceGetMigMode(handle)[0] == 1
+        except getattr(nvml, "NVMLError", RuntimeError):   # NotSupported on boards without MIG
+            pass
+    return (uuid or "").startswith("MIG-") or "MIG-" in os.environ.get("CUDA_VISIBLE_DEVICES", "")
 
 
 class _Amdsmi:
