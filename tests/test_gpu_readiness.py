@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from phantom_plugin import PhantomFFN, PhantomLinear, comm, init
+from phantom_plugin import PhantomFFN, PhantomLinear, comm, init, placement
 from phantom_plugin.convert import convert_modules
 
 N_IN, N_OUT, K = 32, 16, 4
@@ -130,7 +130,7 @@ def test_meta_and_default_device_construction_materialise_deterministically():
 # --- collective device choice ---------------------------------------------------------------------
 
 def test_backend_strings_map_to_devices():
-    parse = lambda s: dict(comm._parse_backends(s))  # noqa: E731
+    parse = lambda s: dict(placement._parse_backends(s))  # noqa: E731
     assert parse("cpu:gloo,cuda:nccl") == {"cpu": "gloo", "cuda": "nccl"}
     assert parse("nccl") == {"cuda": "nccl"}
     assert parse("gloo") == {"cpu": "gloo"}
