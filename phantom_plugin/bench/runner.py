@@ -149,8 +149,8 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
     :class:`~phantom_plugin.energy.EnergyMeter` on this rank's device).
     """
     group = dist.group.WORLD
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-        else torch.device("cpu")
+    # the launcher sets each NCCL rank's CUDA device first; a gloo run stays on the CPU
+    device = comm.collective_device(group)
     dtype = _DTYPES[spec.dtype]
     meter = meter if meter is not None else energy.EnergyMeter(device)
     model = build_model(spec, group, device, dtype)
@@ -187,7 +187,7 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
         bar.close()
     comm.COUNTER.reset()
     total = energy.sum_over_group(window, group) if isinstance(window, energy.Measurement) else window
-    cpu_sum = torch.tensor(cpu, dtype=torch.float64)
+    cpu_sum = torch.tensor(cpu, dtype=torch.float64, device=comm.collective_device(group))
     dist.all_reduce(cpu_sum, group=group)                  # CPU-seconds of all ranks, per step
     probe = None
     if spec.probe:
