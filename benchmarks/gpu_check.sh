@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# One H100/H200, under 8 minutes: per-rank compute time, NVML energy and GEMM efficiency of one
-# phantom layer rank against one TP layer rank (n = 8192..32768, p = 8..64, bf16, fwd + bwd).
+# One H100/H200, under 9 minutes: (1) a smoke test of the plugin's own code on CUDA
+# (benchmarks/gpu_smoke.py: simulated ranks of the phantom op against float64, bf16 and autocast,
+# from_dense on the device, two gloo ranks with CUDA tensors, one >= 5 s energy window); (2) per-rank
+# compute time, NVML energy and GEMM efficiency of one phantom layer rank (the real op, resident
+# exchange) against one TP layer rank (n = 8192..32768, p = 8..64, bf16, fwd + bwd), with the
+# labelled multi-GPU extrapolation.
 # Usage: benchmarks/gpu_check.sh [OUT_DIR] [extra args for gpu_layer_check.py]
-# Writes OUT_DIR/gpu_layer_check.{json,md} (default benchmarks/results/gpu). Needs CUDA torch and
-# nvidia-ml-py (pip install nvidia-ml-py); commit the results under benchmarks/results/ with the card named.
-set -euo pipefail
+# Writes OUT_DIR/gpu_smoke.json and OUT_DIR/gpu_layer_check.{json,md} (default benchmarks/results/gpu),
+# each rewritten after every check / shape, so a timeout keeps what was measured. Needs CUDA torch
+# and nvidia-ml-py (pip install nvidia-ml-py); commit the results under benchmarks/results/ with the card named.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
 OUT_DIR=${1:-benchmarks/results/gpu}
 shift || true
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-$PY - <<'PYEOF'
+$PY - <<'PYEOF' || exit 1
 import torch
 assert torch.cuda.is_available(), "gpu_check.sh needs a CUDA GPU"
 print("card:", torch.cuda.get_device_name(0), "| torch", torch.__version__)
@@ -20,4 +25,9 @@ except ImportError:
     print("WARNING: nvidia-ml-py not installed: energy will be reported as n/a")
 PYEOF
 nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm --format=csv || true
-timeout 460 "$PY" benchmarks/gpu_layer_check.py --out "$OUT_DIR" "$@"
+timeout 120 "$PY" benchmarks/gpu_smoke.py --out "$OUT_DIR"
+smoke=$?
+timeout 400 "$PY" benchmarks/gpu_layer_check.py --out "$OUT_DIR" --budget-s 330 "$@"
+layer=$?
+echo "gpu_smoke exit $smoke, gpu_layer_check exit $layer (results in $OUT_DIR)"
+exit $(( smoke != 0 || layer != 0 ))

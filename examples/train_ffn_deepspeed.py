@@ -67,6 +67,8 @@ def main() -> None:
     model = Net(d_in, args.width, args.hidden, args.depth, d_out)
     teacher = Net(d_in, 64, 128, 1, d_out).requires_grad_(False)
     engine, _, _, _ = initialize(args=args, model=model, model_parameters=model.parameters())
+    device = engine.device                  # the rank's GPU under NCCL, the CPU under DS_ACCELERATOR=cpu
+    teacher.to(device)
 
     mpu = engine.mpu
     dp_rank = mpu.get_data_parallel_rank() if mpu is not None else dist.get_rank()
@@ -80,8 +82,8 @@ def main() -> None:
     t0, first = time.perf_counter(), None
     for step in range(1, args.steps + 1):
         for _ in range(engine.gradient_accumulation_steps()):
-            x = torch.randn(micro, d_in, generator=gen)
-            loss = nn.functional.mse_loss(engine(x), teacher(x))
+            x = torch.randn(micro, d_in, generator=gen).to(device)   # drawn on the CPU: same on any device
+            loss = nn.functional.mse_loss(engine(x).float(), teacher(x))
             engine.backward(loss)
             engine.step()
         first = loss.item() if first is None else first
@@ -98,7 +100,8 @@ def main() -> None:
             last = run.logger.events[-1][2]
             print(f"monitor events at sample {last}: " + ", ".join(
                 f"{n}={v:.4g}" for n, v, at in run.logger.events if at == last))
-    if deepspeed.comm.comms_logger.enabled:       # "comms_logger" section: DeepSpeed's table
+    if deepspeed.comm.comms_logger.enabled:       # a "comms_logger" section (off in ds_configs/: it
+                                                  # synchronizes after every collective): DeepSpeed's table
         deepspeed.comm.log_summary()
 
 

@@ -36,17 +36,17 @@ def svd_block_column(weight: torch.Tensor, p: int, k: int, col: int) -> tuple[to
 
     Returns ``C_col [k, n_in/p]``, ``F [(p-1) n_out/p, k]`` whose row block for rank ``i`` (in
     order of ``i != col``) is ``D_i,col``, and the squared Frobenius norm of what the truncation
-    dropped (a 0-d tensor). Computed in float64.
+    dropped (a 0-d tensor). Computed in float64 on ``weight``'s device; only the block column is
+    cast (``[n_out, n_in/p]``, not the whole weight).
     """
     n_out, n_in = weight.shape
     mo, mi = n_out // p, n_in // p
-    w = weight.detach().to(torch.float64)
-    column = w[:, col * mi:(col + 1) * mi]
-    stacked = torch.cat([column[:col * mo], column[(col + 1) * mo:]], dim=0)   # [(p-1)mo, mi]
+    column = weight.detach()[:, col * mi:(col + 1) * mi]                        # [n_out, mi]
+    stacked = torch.cat([column[:col * mo], column[(col + 1) * mo:]], dim=0).to(torch.float64)  # [(p-1)mo, mi]
     u, s, vh = torch.linalg.svd(stacked, full_matrices=False)
     kk = min(k, s.numel())
-    comp = torch.zeros(k, mi, dtype=torch.float64, device=w.device)
-    fac = torch.zeros(stacked.shape[0], k, dtype=torch.float64, device=w.device)
+    comp = torch.zeros(k, mi, dtype=torch.float64, device=stacked.device)
+    fac = torch.zeros(stacked.shape[0], k, dtype=torch.float64, device=stacked.device)
     comp[:kk] = vh[:kk]
     fac[:, :kk] = u[:, :kk] * s[:kk]
     return comp, fac, (s[kk:] ** 2).sum()

@@ -43,16 +43,18 @@ def resolve_group(group: Optional[dist.ProcessGroup], who: str) -> tuple[int, in
 
 
 def agree_across_group(group: Optional[dist.ProcessGroup], p: int, who: str,
-                       fields: dict[str, int], local_error: Optional[str]) -> None:
+                       fields: dict[str, int], local_error: Optional[str],
+                       adopt: tuple[str, ...] = ()) -> dict[str, int]:
     """Raise on every rank if any rank had ``local_error`` or ranks disagree on ``fields``.
 
-    Costs one all-gather of ``len(fields) + 1`` int64 values (skipped when ``p == 1``, where the
-    local error, if any, is raised directly).
+    Fields named in ``adopt`` may differ: every rank takes the value of the group's first rank.
+    Returns the agreed ``fields``. Costs one all-gather of ``len(fields) + 1`` int64 values
+    (skipped when ``p == 1``, where the local error, if any, is raised directly).
     """
     if p == 1:
         if local_error:
             raise ValueError(f"{who}: {local_error}")
-        return
+        return dict(fields)
     names = list(fields)
     mine = torch.tensor([0 if local_error is None else 1] + [int(fields[n]) for n in names],
                         dtype=torch.int64, device=comm.collective_device(group))
@@ -65,8 +67,9 @@ def agree_across_group(group: Optional[dist.ProcessGroup], p: int, who: str,
                          "error); every rank must pass the same valid arguments")
     for c, name in enumerate(names, start=1):
         values = table[:, c].tolist()
-        if len(set(values)) > 1:
-            hint = (" (with seed=None it is drawn from torch's default generator: pass seed=, or "
-                    "call torch.manual_seed with the same value on every rank)" if name == "seed" else "")
+        if len(set(values)) > 1 and name not in adopt:
+            hint = {"seed": " (explicit seeds must match; seed=None takes the first rank's draw)",
+                    "seed_given": " (pass seed= on every rank of the group, or seed=None on every rank)"}
             raise ValueError(f"{who}: ranks disagree on `{name}` (per rank: {values}); pass the "
-                             f"same value on every rank of the group{hint}")
+                             f"same value on every rank of the group{hint.get(name, '')}")
+    return {name: int(table[0, c]) for c, name in enumerate(names, start=1)}

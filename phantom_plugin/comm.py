@@ -16,6 +16,13 @@ algorithm (torch's gloo ``reduce_scatter`` runs an all-reduce, ``2(p-1)`` chunks
 ``(p-1)`` chunks); a third-party gloo reduce-scatter seen by :func:`intercept_torch_collectives`
 is recorded as ``allreduce+slice`` with ``2(p-1)``. These counts were checked against the
 loopback interface's transmitted-byte counter (``benchmarks/wire_check.py``).
+
+Devices: each collective runs on the device the group's backend serves for the tensor's device
+type (:func:`collective_device`, decided from the tensor and the group's per-device backends, so
+``"undefined"``, ``"nccl"`` and ``"cpu:gloo,cuda:nccl"`` groups all work); a tensor on another
+device is moved there and the result moved back (a CPU tensor through an NCCL-only group, a CUDA
+tensor through gloo). On CUDA, ``wait()`` only orders the current stream after the collective
+(no host block); timeouts there are the process group's own.
 """
 from __future__ import annotations
 
@@ -29,10 +36,12 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
+from .placement import _is_gloo, collective_device, group_backends
+
 __all__ = [
     "CommRecord", "CommCounter", "COUNTER", "Handle", "group_size", "group_rank",
     "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "use_backend",
-    "set_timeout", "intercept_torch_collectives", "collective_device",
+    "set_timeout", "intercept_torch_collectives", "collective_device", "group_backends",
 ]
 
 
@@ -165,7 +174,12 @@ def use_backend(module) -> Iterator[None]:
 
 
 def set_timeout(seconds: Optional[float]) -> None:
-    """Bound every wait on a collective (``None``: the process group's own timeout)."""
+    """Bound every wait on a collective whose result is on the CPU (``None``: the group's own timeout).
+
+    Waits on CUDA results are never bounded here: a bounded NCCL wait blocks the host until the
+    collective ends, which removes the overlap of communication with compute. There the process
+    group's timeout (``init_process_group(timeout=...)``, NCCL's watchdog) applies.
+    """
     global _TIMEOUT
     _TIMEOUT = None if seconds is None else datetime.timedelta(seconds=seconds)
 
@@ -178,7 +192,7 @@ class Handle:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            if _TIMEOUT is not None:
+            if _TIMEOUT is not None and self._result.device.type == "cpu":
                 ok = self._work.wait(timeout=_TIMEOUT)
                 if ok is False:
                     raise RuntimeError(f"collective timed out after {_TIMEOUT}")
@@ -197,24 +211,33 @@ def _record(op: str, algorithm: str, p: int, t: torch.Tensor, chunks_sent: int, 
                            payload // p * chunks_sent, tag))
 
 
+def _on(x: torch.Tensor, group) -> tuple[torch.Tensor, Optional[Callable]]:
+    """``x`` on the collective's device, and how to bring a result back (``None``: it is home)."""
+    dev = collective_device(group, x)
+    if dev == x.device:
+        return x, None
+    home = x.device
+    return x.to(dev), (lambda r: r.to(home))
+
+
 def all_gather(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
                tag: str = ""):
     """Gather ``x`` ``[m, ...]`` from every rank into ``[p, m, ...]`` (rank order).
 
-    Returns the tensor, or a :class:`Handle` when ``async_op``.
+    Returns the tensor (on ``x``'s device), or a :class:`Handle` when ``async_op``.
     """
     p = group_size(group)
     if p == 1:
         out = x.unsqueeze(0)
         return Handle(None, out) if async_op else out
-    x = x.contiguous()
     if x.dim() == 0:
         x = x.reshape(1)
+    x, back = _on(x.contiguous(), group)
     # backends gather along dim 0 into [p*m, ...]; the [p, m, ...] view of it is free
     flat = torch.empty((p * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
     _record("all_gather", "ring", p, flat, p - 1, tag)
     work = _BACKEND.all_gather_into_tensor(flat, x, group=group, async_op=True)
-    h = Handle(work, flat.view((p,) + tuple(x.shape)))
+    h = Handle(work, flat.view((p,) + tuple(x.shape)), finish=back)
     return h if async_op else h.wait()
 
 
@@ -223,10 +246,11 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
     """Sum ``x`` ``[p, m, ...]`` over ranks and return this rank's chunk ``[m, ...]``.
 
     gloo has no reduce-scatter algorithm of its own (torch's gloo backend runs an all-reduce and
-    keeps a slice, ``2(p-1)`` chunks per rank, measured on the loopback interface). Here, on
-    gloo, each rank instead sends chunk ``j`` to rank ``j`` with one all-to-all and sums the
-    ``p`` chunks it receives: a true reduce-scatter, ``(p-1)`` chunks per rank as NCCL's ring,
-    in one round of messages. Other backends use their native reduce-scatter.
+    keeps a slice, ``2(p-1)`` chunks per rank, measured on the loopback interface). Here, when
+    the collective runs on gloo (CPU), each rank instead sends chunk ``j`` to rank ``j`` with one
+    all-to-all and sums the ``p`` chunks it receives: a true reduce-scatter, ``(p-1)`` chunks per
+    rank as NCCL's ring, in one round of messages. Every other backend (NCCL for CUDA tensors)
+    runs its native reduce-scatter.
     """
     p = group_size(group)
     if p == 1:
@@ -235,29 +259,36 @@ def reduce_scatter(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async
     if x.shape[0] != p:
         raise ValueError(f"reduce_scatter: leading dim {x.shape[0]} != group size {p}")
     chunk_shape = tuple(x.shape[1:])
+    x, back = _on(x, group)
     flat = x.reshape((p * x.shape[1],) + tuple(x.shape[2:])) if x.dim() > 1 else x.contiguous()
-    if "gloo" in str(dist.get_backend(group)).lower():
+    if _is_gloo(group, flat.device):
         recv = torch.empty_like(flat)
         _record("reduce_scatter", "all_to_all+sum", p, flat, p - 1, tag)
         work = _BACKEND.all_to_all_single(recv, flat, group=group, async_op=True)
-        h = Handle(work, recv, finish=lambda r: r.view((p,) + chunk_shape).sum(0))
+
+        def finish(r):
+            r = r.view((p,) + chunk_shape).sum(0)
+            return r if back is None else back(r)
+        h = Handle(work, recv, finish=finish)
         return h if async_op else h.wait()
     out = torch.empty((flat.shape[0] // p,) + tuple(flat.shape[1:]), dtype=x.dtype, device=x.device)
     _record("reduce_scatter", "ring", p, flat, p - 1, tag)
     work = _BACKEND.reduce_scatter_tensor(out, flat, group=group, async_op=True)
-    h = Handle(work, out.view(chunk_shape))
+    h = Handle(work, out.view(chunk_shape), finish=back)
     return h if async_op else h.wait()
 
 
 def all_reduce(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op: bool = False,
                tag: str = ""):
-    """Sum ``x`` over ranks, in place."""
+    """Sum ``x`` over ranks, in place (``x`` itself holds the result after ``wait``)."""
     p = group_size(group)
     if p == 1:
         return Handle(None, x) if async_op else x
+    home = x
+    x, back = _on(x, group)
     _record("all_reduce", "ring", p, x, 2 * (p - 1), tag)
     work = _BACKEND.all_reduce(x, group=group, async_op=True)
-    h = Handle(work, x)
+    h = Handle(work, x, finish=None if back is None else (lambda r: home.copy_(r)))
     return h if async_op else h.wait()
 
 
@@ -270,11 +301,12 @@ def all_to_all(x: torch.Tensor, group: Optional[dist.ProcessGroup], *, async_op:
     if x.shape[0] != p:
         raise ValueError(f"all_to_all: leading dim {x.shape[0]} != group size {p}")
     shape = x.shape
+    x, back = _on(x, group)
     x = x.reshape((p * x.shape[1],) + tuple(x.shape[2:])) if x.dim() > 1 else x.contiguous()
     out = torch.empty_like(x)
     _record("all_to_all", "pairwise", p, x, p - 1, tag)
     work = _BACKEND.all_to_all_single(out, x, group=group, async_op=True)
-    h = Handle(work, out.view(shape))
+    h = Handle(work, out.view(shape), finish=back)
     return h if async_op else h.wait()
 
 
@@ -311,7 +343,8 @@ def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
             group = bound.get("group")
             p = group_size(group)
             if p > 1:
-                if op == "reduce_scatter" and "gloo" in str(dist.get_backend(group)).lower():
+                payload = bound[payload_arg]
+                if op == "reduce_scatter" and _is_gloo(group, payload.device):
                     _record(op, "allreduce+slice", p, bound[payload_arg], 2 * (p - 1), tag)
                 else:
                     _record(op, "ring", p, bound[payload_arg], chunks(p), tag)
@@ -328,10 +361,3 @@ def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
-
-
-def collective_device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    """Device a small tensor must live on to go through ``group`` (CUDA for NCCL, else CPU)."""
-    if dist.is_initialized() and "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

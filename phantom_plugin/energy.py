@@ -1,8 +1,12 @@
 """Energy measured in windows, beside time: ``EnergyMeter.begin_window`` / ``end_window``.
 
 Each rank reads the counter of **its own device** and nothing else; no collective runs unless
-the caller asks for one with :func:`sum_over_group` and an explicit group. Sources, tried in
-order (``ENERGY.md``):
+the caller asks for one with :func:`sum_over_group` and an explicit group. A CUDA/ROCm device is
+found in NVML / amdsmi by its **PCI bus id** (from ``torch.cuda.get_device_properties``), never
+by torch's index alone: torch's index differs from the management library's under per-rank
+``CUDA_VISIBLE_DEVICES``, and a MIG instance has no energy counter of its own (its board is
+read, and the scope says so). Readings are labelled by bus id, so :func:`sum_over_group` counts
+a device that several ranks share once. Sources, tried in order (``ENERGY.md``):
 
 * ``nvml``: NVML's total-energy counter (``nvidia-ml-py``, module ``pynvml``;
   ``nvmlDeviceGetTotalEnergyConsumption``, millijoules since driver load; Volta and newer).
@@ -65,21 +69,38 @@ class Measurement:
 
 # --- sources: each has read() -> {label: joules} and attributes name, scope, shared ----------
 
+def _norm_bus_id(bus) -> str:
+    """``"0000:3B:00.0"`` / ``b"00000000:3b:00.0"`` -> ``"00000000:3b:00.0"`` (NVML's long form)."""
+    bus = (bus.decode() if isinstance(bus, bytes) else str(bus)).strip().strip("\x00").lower()
+    parts = bus.split(":")
+    domain = parts[0] if len(parts) == 3 else "0"
+    return f"{int(domain, 16):08x}:{':'.join(parts[-2:])}"
+
+
 class _Nvml:
     name, shared = "nvml", False
 
-    def __init__(self, nvml, index: int, uuid: Optional[str] = None):
+    def __init__(self, nvml, index: Optional[int], uuid: Optional[str] = None,
+                 pci_bus_id: Optional[str] = None):
         nvml.nvmlInit()
         self._nvml = nvml
-        handle = None
-        if uuid is not None and hasattr(nvml, "nvmlDeviceGetHandleByUUID"):
-            try:
-                handle = nvml.nvmlDeviceGetHandleByUUID(uuid)
-            except nvml.NVMLError:
-                handle = None
-        self._handle = handle if handle is not None else nvml.nvmlDeviceGetHandleByIndex(index)
-        self.label = f"gpu:{index}"
-        self.scope = f"this rank's GPU ({self.label}, whole board)"
+        handle, how = None, None
+        if pci_bus_id is not None and hasattr(nvml, "nvmlDeviceGetHandleByPciBusId"):
+            handle, how = nvml.nvmlDeviceGetHandleByPciBusId(_norm_bus_id(pci_bus_id)), "PCI bus id"
+        elif uuid is not None and uuid.startswith("GPU-") and hasattr(nvml, "nvmlDeviceGetHandleByUUID"):
+            handle, how = nvml.nvmlDeviceGetHandleByUUID(uuid), "UUID"
+        elif index is not None:
+            handle, how = nvml.nvmlDeviceGetHandleByIndex(index), f"NVML index {index}"
+        else:
+            raise RuntimeError("cannot identify this rank's GPU in NVML (no PCI bus id or GPU UUID "
+                               "from torch); pass EnergyMeter(pci_bus_id=...) or index=")
+        self._handle = handle
+        bus = None
+        if hasattr(nvml, "nvmlDeviceGetPciInfo"):
+            bus = _norm_bus_id(nvml.nvmlDeviceGetPciInfo(handle).busId)
+        self.label = f"gpu:{bus}" if bus else f"gpu:nvml{index}"
+        mig = " shared by its MIG instances" if _mig_enabled(nvml, handle, uuid) else ""
+        self.scope = f"this rank's GPU ({self.label}, found by {how}; whole board{mig})"
         self.read()  # raises NVMLError (NotSupported before Volta) here, not mid-window
 
     def read(self) -> dict:
@@ -87,15 +108,32 @@ class _Nvml:
         return {self.label: mj / 1000.0}
 
 
+def _mig_enabled(nvml, handle, uuid: Optional[str]) -> bool:
+    """MIG mode of the board (NVML), else whether this process was given a MIG instance."""
+    if hasattr(nvml, "nvmlDeviceGetMigMode"):
+        try:
+            return nvml.nvmlDeviceGetMigMode(handle)[0] == 1
+        except getattr(nvml, "NVMLError", RuntimeError):   # NotSupported on boards without MIG
+            pass
+    return (uuid or "").startswith("MIG-") or "MIG-" in os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+
 class _Amdsmi:
     name, shared = "amdsmi", False
 
-    def __init__(self, amdsmi, index: int):
+    def __init__(self, amdsmi, index: Optional[int], pci_bus_id: Optional[str] = None):
         amdsmi.amdsmi_init()
         self._amdsmi = amdsmi
-        self._handle = amdsmi.amdsmi_get_processor_handles()[index]
-        self.label = f"gpu:{index}"
-        self.scope = f"this rank's GPU ({self.label}; on MI250X one die reports for its pair)"
+        if pci_bus_id is not None and hasattr(amdsmi, "amdsmi_get_processor_handle_from_bdf"):
+            bdf = _norm_bus_id(pci_bus_id)[4:]                                 # "0000:3b:00.0"
+            self._handle, how, label = amdsmi.amdsmi_get_processor_handle_from_bdf(bdf), "PCI bus id", bdf
+        elif index is not None:
+            self._handle, how, label = amdsmi.amdsmi_get_processor_handles()[index], f"amdsmi index {index}", f"amdsmi{index}"
+        else:
+            raise RuntimeError("cannot identify this rank's GPU in amdsmi (no PCI bus id from torch); "
+                               "pass EnergyMeter(pci_bus_id=...) or index=")
+        self.label = f"gpu:{label}"
+        self.scope = f"this rank's GPU ({self.label}, found by {how}; on MI250X one die reports for its pair)"
         self.read()
 
     def read(self) -> dict:
@@ -162,8 +200,11 @@ class EnergyMeter:
     """Energy and time of named windows on this rank's device.
 
     Args:
-        device: this rank's ``torch.device`` (``cuda:i`` picks GPU ``i``; CPU devices use RAPL).
-        index: the GPU's number for NVML / amdsmi when ``device`` does not say (default 0).
+        device: this rank's ``torch.device`` (a CUDA/ROCm device is matched by PCI bus id; CPU
+            devices use RAPL).
+        index: the management library's own GPU number, used only when neither ``device`` nor
+            ``pci_bus_id`` identifies the GPU (default 0 then).
+        pci_bus_id: the GPU's PCI bus id (``"0000:3b:00.0"``) when ``device`` does not say.
         sources: source names to try, in order.
         nvml, amdsmi: module objects to use instead of importing ``pynvml`` / ``amdsmi`` (tests).
         rapl_root: where the powercap tree lives.
@@ -171,7 +212,7 @@ class EnergyMeter:
     """
 
     def __init__(self, device=None, *, index: Optional[int] = None, sources=("nvml", "amdsmi", "rapl"),
-                 nvml=None, amdsmi=None,
+                 nvml=None, amdsmi=None, pci_bus_id: Optional[str] = None,
                  rapl_root: str = "/sys/class/powercap", sync: Optional[Callable[[], None]] = None):
         self.device = device
         self._sync = sync or _default_sync(device)
@@ -180,13 +221,16 @@ class EnergyMeter:
         reasons = []
         gpu = ((device is not None and getattr(device, "type", "cpu") in ("cuda", "hip"))
                or nvml is not None or amdsmi is not None)
-        index = _device_index(device) if index is None else index
+        bus = pci_bus_id if pci_bus_id is not None else _pci_bus_id(device)
+        uuid = _cuda_uuid(device)
+        if index is None and bus is None and uuid is None and not _is_accelerator(device):
+            index = 0                                     # no torch device to go by (tests, tools)
         for name in sources:
             try:
                 if name == "nvml" and gpu:
-                    self._source = _Nvml(nvml or _import("pynvml"), index, _cuda_uuid(device))
+                    self._source = _Nvml(nvml or _import("pynvml"), index, uuid, bus)
                 elif name == "amdsmi" and gpu:
-                    self._source = _Amdsmi(amdsmi or _import("amdsmi"), index)
+                    self._source = _Amdsmi(amdsmi or _import("amdsmi"), index, bus)
                 elif name == "rapl" and not gpu:
                     self._source = _Rapl(rapl_root)
                 else:
@@ -234,43 +278,58 @@ def _import(name: str):
     return importlib.import_module(name)
 
 
-def _device_index(device) -> int:
-    if device is None or getattr(device, "index", None) is None:
-        return 0
-    return int(device.index)
+def _is_accelerator(device) -> bool:
+    return getattr(device, "type", None) in ("cuda", "hip")
 
 
-def _cuda_uuid(device) -> Optional[str]:
-    if device is None or getattr(device, "type", None) != "cuda":
+def _cuda_props(device):
+    if not _is_accelerator(device):
         return None
     import torch
     if not torch.cuda.is_available():
         return None
-    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
-    return None if uuid is None else f"GPU-{uuid}"
+    return torch.cuda.get_device_properties(device)
+
+
+def _pci_bus_id(device) -> Optional[str]:
+    """``"0000:3b:00.0"`` of a CUDA/ROCm device (torch's own properties), or None."""
+    props = _cuda_props(device)
+    if props is None or getattr(props, "pci_bus_id", None) is None:
+        return None
+    return f"{getattr(props, 'pci_domain_id', 0):04x}:{props.pci_bus_id:02x}:{getattr(props, 'pci_device_id', 0):02x}.0"
+
+
+def _cuda_uuid(device) -> Optional[str]:
+    """``GPU-...`` (a whole GPU) or ``MIG-...`` (a MIG instance), or None."""
+    props = _cuda_props(device)
+    uuid = None if props is None else getattr(props, "uuid", None)
+    if uuid is None:
+        return None
+    text = str(uuid)
+    return text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
 
 
 def sum_over_group(m: Measurement, group) -> Measurement:
     """Sum ``m`` over the ranks of ``group`` (a collective: call it on every rank of ``group``).
 
-    Energy of host-shared sources (RAPL) is counted once per host. ``time_s`` is the longest
-    window, ``cpu_time_s`` the sum. ``energy_j`` is ``None`` if any rank's is.
+    Each device is counted once: readings with the same label on the same host (one GPU by PCI
+    bus id, or a RAPL package) shared by several ranks contribute once (the reading of the
+    first such rank). ``time_s`` is the longest window, ``cpu_time_s`` the sum. ``energy_j`` is ``None``
+    if any rank's is.
     """
     import torch.distributed as dist
     mine = {"m": m.as_dict(), "host": socket.gethostname()}
     every = [None] * dist.get_world_size(group)
     dist.all_gather_object(every, mine, group=group)
-    seen_hosts, per, missing = set(), {}, {}
+    per, missing = {}, {}
     for r, e in enumerate(every):
         d = e["m"]
         if d["energy_j"] is None:
             missing.setdefault(d["reason"], []).append(r)
             continue
-        if d["source"] == "rapl":
-            if e["host"] in seen_hosts:
-                continue
-            seen_hosts.add(e["host"])
-        per.update({f"rank{r}:{k}": v for k, v in d["per_device_j"].items()})
+        for label, joules in d["per_device_j"].items():
+            key = f"{e['host']}:{label}"
+            per.setdefault(key, joules)
     ms = [e["m"] for e in every]
     energy = None if missing else sum(per.values())
     return Measurement(m.name, max(x["time_s"] for x in ms), energy, {} if missing else per,

@@ -13,8 +13,11 @@ Fan-in convention (``U(-b, b)`` as ``torch.nn.Linear``, variance ``b^2/3``):
   ``(p-1)/p`` of the output variance, as the off-diagonal blocks of a dense layer do;
 * bias: ``b = 1/sqrt(n_in)``.
 
-The master ``W0`` is drawn in chunks of 128 rows with per-chunk seeds, so a rank draws only the
-chunks covering its rows, and the values do not depend on ``p``.
+Every master (``W0 [n_out, n_in]``, the compressor's ``[k, n_in]``, the decompressor's
+``[n_out, p*k]``) is drawn in tiles of 128 x 128 with a seed per tile, so a rank draws only the
+tiles covering its own block (not ``p`` times more than it keeps), and a master's values do not
+depend on ``p``. Draws use CPU generators and return CPU float32 tensors whatever
+``torch.set_default_device`` says; layers copy them to their own device and dtype.
 """
 from __future__ import annotations
 
@@ -25,27 +28,51 @@ import torch
 __all__ = ["dense_master", "dense_bias", "local_block", "compressor_block", "decompressor_block", "bias_block", "master_blocks"]
 
 _CHUNK = 128
+_CPU = torch.device("cpu")
 
 
 def _gen(seed: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + salt * 7919) % (2 ** 63))
+    return torch.Generator(device=_CPU).manual_seed((seed * 1_000_003 + salt * 7919) % (2 ** 63))
+
+
+def _tile_gen(seed: int, kind: int, i: int, j: int) -> torch.Generator:
+    """Generator of tile ``(i, j)`` of master ``kind``: a splitmix64 hash of the four numbers."""
+    h = 0
+    for part in (seed, kind, i, j):
+        h = (h ^ (part % 2 ** 64)) * 0x9E3779B97F4A7C15 % 2 ** 64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 % 2 ** 64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB % 2 ** 64
+        h ^= h >> 31
+    return torch.Generator(device=_CPU).manual_seed(h % 2 ** 63)
 
 
 def _uniform(gen: torch.Generator, shape, bound: float) -> torch.Tensor:
-    return (torch.rand(shape, generator=gen, dtype=torch.float32) * 2 - 1) * bound
+    return (torch.rand(shape, generator=gen, dtype=torch.float32, device=_CPU) * 2 - 1) * bound
+
+
+def _window(seed: int, kind: int, rows: int, cols: int, bound: float,
+            r0: int, r1: int, c0: int, c1: int) -> torch.Tensor:
+    """``master[r0:r1, c0:c1]`` of a tiled ``U(-bound, bound)`` master ``[rows, cols]``, drawing only
+    the tiles that cover the window."""
+    out = torch.empty(r1 - r0, c1 - c0, dtype=torch.float32, device=_CPU)
+    for i in range(r0 // _CHUNK, (r1 - 1) // _CHUNK + 1):
+        t0, t1 = i * _CHUNK, min((i + 1) * _CHUNK, rows)
+        for j in range(c0 // _CHUNK, (c1 - 1) // _CHUNK + 1):
+            u0, u1 = j * _CHUNK, min((j + 1) * _CHUNK, cols)
+            tile = _uniform(_tile_gen(seed, kind, i, j), (t1 - t0, u1 - u0), bound)
+            a0, a1, b0, b1 = max(r0, t0), min(r1, t1), max(c0, u0), min(c1, u1)
+            out[a0 - r0:a1 - r0, b0 - c0:b1 - c0] = tile[a0 - t0:a1 - t0, b0 - u0:b1 - u0]
+    return out
+
+
+_LOCAL, _COMP, _DECOMP = 1, 2, 3
 
 
 def local_block(seed: int, n_in: int, n_out: int, p: int, rank: int) -> torch.Tensor:
     """``L_rank = W0[rank, rank]`` ``[n_out/p, n_in/p]``, float32 on CPU."""
-    bound = 1 / math.sqrt(n_in)
     r0, r1 = rank * n_out // p, (rank + 1) * n_out // p
     c0, c1 = rank * n_in // p, (rank + 1) * n_in // p
-    rows = []
-    for chunk in range(r0 // _CHUNK, (r1 - 1) // _CHUNK + 1):
-        lo, hi = chunk * _CHUNK, min((chunk + 1) * _CHUNK, n_out)
-        block = _uniform(_gen(seed, 1000 + chunk), (hi - lo, n_in), bound)
-        rows.append(block[max(r0, lo) - lo:min(r1, hi) - lo, c0:c1])
-    return torch.cat(rows, dim=0)
+    return _window(seed, _LOCAL, n_out, n_in, 1 / math.sqrt(n_in), r0, r1, c0, c1)
 
 
 def dense_master(seed: int, n_in: int, n_out: int) -> torch.Tensor:
@@ -64,15 +91,14 @@ def dense_bias(seed: int, n_in: int, n_out: int) -> torch.Tensor:
 def compressor_block(seed: int, n_in: int, k: int, p: int, rank: int) -> torch.Tensor:
     """``C_rank [k, n_in/p]``: columns of a master ``[k, n_in]``."""
     c0, c1 = rank * n_in // p, (rank + 1) * n_in // p
-    return _uniform(_gen(seed, 1), (k, n_in), 1 / math.sqrt(n_in / p))[:, c0:c1].contiguous()
+    return _window(seed, _COMP, k, n_in, 1 / math.sqrt(n_in / p), 0, k, c0, c1)
 
 
 def decompressor_block(seed: int, n_out: int, k: int, p: int, rank: int) -> torch.Tensor:
     """``[D_rank,j for j != rank]`` side by side, ``[n_out/p, (p-1)k]``, from a master ``[n_out, p, k]``."""
     r0, r1 = rank * n_out // p, (rank + 1) * n_out // p
-    master = _uniform(_gen(seed, 2), (n_out, p, k), math.sqrt(3 / (p * k)))[r0:r1]
-    others = torch.cat([master[:, :rank], master[:, rank + 1:]], dim=1)  # [n_out/p, p-1, k]
-    return others.reshape(r1 - r0, -1).contiguous()
+    rows = _window(seed, _DECOMP, n_out, p * k, math.sqrt(3 / (p * k)), r0, r1, 0, p * k)
+    return torch.cat([rows[:, :rank * k], rows[:, (rank + 1) * k:]], dim=1)    # [n_out/p, (p-1)k]
 
 
 def bias_block(seed: int, n_in: int, n_out: int, p: int, rank: int) -> torch.Tensor:

@@ -30,7 +30,8 @@ def mark_tensor_parallel(param: nn.Parameter, partition_dim: int = 0) -> nn.Para
 
 
 def _draw_seed() -> int:
-    return int(torch.randint(0, 2 ** 31 - 1, (1,)).item())
+    """One draw of torch's default CPU generator (explicit device: safe under a meta/CUDA default)."""
+    return int(torch.randint(0, 2 ** 31 - 1, (1,), device="cpu").item())
 
 
 class PhantomLinear(nn.Module):
@@ -41,10 +42,15 @@ class PhantomLinear(nn.Module):
         ghost_dim: ``k``, ``1 <= k <= n_in/p``.
         group: the phantom group (``None``: the world group, or ``p = 1`` without torch.distributed).
         seed: initialisation seed (see :mod:`phantom_plugin.init`); ``None`` draws one from torch's
-            default generator, and construction checks that every rank drew the same.
+            default generator on every rank and the whole group takes the draw of its first rank
+            (so ranks seeded ``s + rank`` still build one layer, the same on every run seeded
+            alike). Ranks that pass *different explicit* seeds are an error.
+        device: where the parameters live. ``"meta"`` (or a ``torch.device("meta")`` context)
+            builds them without data; after ``to_empty(device=...)``, :meth:`reset_parameters`
+            draws the same values a direct construction would.
 
     Input ``[*, n_in/p]`` (this rank's slice), output ``[*, n_out/p]``. Construction runs one small
-    all-gather that checks every rank passed the same valid arguments.
+    all-gather that checks every rank passed the same valid arguments (and carries the seed).
     """
 
     def __init__(self, in_features: int, out_features: int, *, ghost_dim: int,
@@ -54,11 +60,13 @@ class PhantomLinear(nn.Module):
         who = "PhantomLinear"
         p, rank = resolve_group(group, who)
         dtype = dtype or torch.get_default_dtype()
-        seed = _draw_seed() if seed is None else seed
+        given = seed is not None
         error = _shape_error(in_features, out_features, ghost_dim, p, dtype)
-        agree_across_group(group, p, who, {
+        agreed = agree_across_group(group, p, who, {
             "in_features": in_features, "out_features": out_features, "ghost_dim": ghost_dim,
-            "bias": bool(bias), "dtype": DTYPE_CODES.get(dtype, -1), "seed": seed}, error)
+            "bias": bool(bias), "dtype": DTYPE_CODES.get(dtype, -1), "seed_given": int(given),
+            "seed": seed if given else _draw_seed()}, error, adopt=() if given else ("seed",))
+        seed = agreed["seed"]
         self.in_features, self.out_features, self.ghost_dim = in_features, out_features, ghost_dim
         self.group, self.world, self.rank, self.seed = group, p, rank, seed
         self.approx_error: Optional[float] = None
@@ -74,12 +82,24 @@ class PhantomLinear(nn.Module):
             self.bias = mark_tensor_parallel(nn.Parameter(torch.empty(mo, **kw)))
         else:
             self.register_parameter("bias", None)
-        self.reset_parameters()
+        if not self.local_weight.is_meta:
+            self.reset_parameters()
+
+    def _tag(self) -> None:
+        for param in self.parameters(recurse=False):
+            mark_tensor_parallel(param)
 
     def reset_parameters(self) -> None:
-        """Fill every block from :attr:`seed` (identical to :func:`init.master_blocks` slices)."""
+        """Fill every block from :attr:`seed` (identical to :func:`init.master_blocks` slices).
+
+        A no-op on meta parameters; after ``to_empty(device=...)`` it draws the values (and
+        restores the ``tensor_model_parallel`` tags that ``to_empty`` drops).
+        """
         n_in, n_out, k, p, r, s = (self.in_features, self.out_features, self.ghost_dim,
                                    self.world, self.rank, self.seed)
+        self._tag()
+        if self.local_weight.is_meta:
+            return
         with torch.no_grad():
             self.local_weight.copy_(init.local_block(s, n_in, n_out, p, r))
             if p > 1:
@@ -131,7 +151,9 @@ class PhantomLinear(nn.Module):
         """
         n_out, n_in = weight.shape
         layer = cls(n_in, n_out, ghost_dim=ghost_dim, group=group, bias=bias is not None,
-                    device=weight.device, dtype=weight.dtype, seed=0)
+                    device="meta", dtype=weight.dtype, seed=0)      # no random draw: filled below
+        layer.to_empty(device=weight.device)
+        layer._tag()
         p, r, k = layer.world, layer.rank, ghost_dim
         mo, mi = n_out // p, n_in // p
         w = weight.detach()
@@ -144,7 +166,7 @@ class PhantomLinear(nn.Module):
                 comp, fac, dropped = layer._exchange_svd(w, k)
                 layer.compressor.copy_(comp)
                 layer.decompressor.copy_(fac)
-            total = w.to(torch.float64).pow(2).sum()
+            total = sum(w[i:i + mo].to(torch.float64).pow(2).sum() for i in range(0, n_out, mo))
             layer.approx_error = float((dropped / total).sqrt()) if total > 0 else 0.0
         return layer
 
@@ -207,13 +229,13 @@ class PhantomFFN(nn.Module):
         if isinstance(activation, str) and activation not in _ACT:
             raise ValueError(f"PhantomFFN: activation must be one of {sorted(_ACT)} or a callable, "
                              f"got {activation!r}")
-        seed = _draw_seed() if seed is None else seed
         self.group, self.width, self.depth = group, width, depth
         self.scatter_input, self.gather_output = scatter_input, gather_output
         self.act = _ACT[activation] if isinstance(activation, str) else activation
+        kw = dict(ghost_dim=ghost_dim, group=group, bias=bias, device=device, dtype=dtype)
+        first = PhantomLinear(width, width, seed=seed, **kw)       # seed=None: the group's first draw
         self.layers = nn.ModuleList(
-            PhantomLinear(width, width, ghost_dim=ghost_dim, group=group, bias=bias,
-                          device=device, dtype=dtype, seed=seed + l) for l in range(depth))
+            [first] + [PhantomLinear(width, width, seed=first.seed + l, **kw) for l in range(1, depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = ops.scatter_to_group(x, self.group) if self.scatter_input else x   # [*, width/p]

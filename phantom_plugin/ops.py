@@ -9,6 +9,7 @@ Shapes use ``*`` for any leading batch dims, ``B`` for their product, ``p`` for 
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -20,9 +21,17 @@ __all__ = ["phantom_linear", "scatter_to_group", "gather_from_group",
            "sequence_to_hidden", "hidden_to_sequence"]
 
 
-def _others(t: torch.Tensor, rank: int) -> torch.Tensor:
-    """``t [p, ...]`` without row ``rank`` -> ``[p-1, ...]`` (rank order kept)."""
-    return torch.cat([t[:rank], t[rank + 1:]], dim=0)
+def _remote_index(p: int, rank: int, device) -> torch.Tensor:
+    """Ranks other than ``rank``, in order: ``[p-1]`` int64 on ``device``."""
+    idx = torch.arange(p - 1, device=device)
+    return idx + (idx >= rank).to(idx.dtype)
+
+
+def _no_autocast(device: torch.device):
+    """Autocast off for ``device``'s type inside the Function (inputs are already cast)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _PhantomLinear(torch.autograd.Function):
@@ -30,43 +39,58 @@ class _PhantomLinear(torch.autograd.Function):
 
     Forward:  ghosts ``g = x C^T [B, k]``; async **all-gather** of ``g`` -> ``G [p, B, k]`` runs while
               the local GEMM ``x L^T [B, n_out/p]`` computes; then one decompression GEMM
-              ``G_remote [B, (p-1)k] @ D^T`` with ``D [n_out/p, (p-1)k]`` (remote ranks in order).
-    Backward: ``dG_remote = dy D [B, (p-1)k]`` placed into ``[p, B, k]`` (own slot zero); async
-              **reduce-scatter** (sum) -> ``dg [B, k]`` runs while ``dL = dy^T x``, ``dD = dy^T G_remote``,
-              ``db`` and the local part of ``dx = dy L`` compute; then ``dC = dg^T x`` and
-              ``dx += dg C``.
+              ``G_remote [B, (p-1)k] @ D^T`` with ``D [n_out/p, (p-1)k]`` (remote ranks in order;
+              ``G_remote`` is one ``index_select`` of ``G``).
+    Backward: ``dG_j = dy D_ij [B, k]`` for ``j != i`` written straight into the send buffer
+              ``[p, B, k]`` (own slot zero); async **reduce-scatter** (sum) -> ``dg [B, k]`` runs while
+              ``dL = dy^T x``, ``dD = dy^T G_remote``, ``db`` and the local part of ``dx = dy L``
+              compute; then ``dC = dg^T x`` and ``dx += dg C``.
     Communication per call: ``p*k*B`` values gathered forward, ``p*k*B`` reduce-scattered backward.
+    All tensors arrive in one dtype (:func:`phantom_linear` casts them under autocast).
     """
 
     @staticmethod
     def forward(ctx, x, local_w, comp_w, decomp_w, bias, group, rank):
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])                                  # [B, n_in/p]
-        ghosts = x2 @ comp_w.t()                                         # [B, k]
-        pending = comm.all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
-        y = x2 @ local_w.t() if bias is None else torch.addmm(bias, x2, local_w.t())  # [B, n_out/p]
-        gathered = pending.wait()                                        # [p, B, k]
-        remote = _others(gathered, rank).transpose(0, 1).reshape(x2.shape[0], -1)  # [B, (p-1)k]
-        y.addmm_(remote, decomp_w.t())
+        with _no_autocast(x.device):
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])                              # [B, n_in/p]
+            ghosts = x2 @ comp_w.t()                                     # [B, k]
+            pending = comm.all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
+            y = x2 @ local_w.t() if bias is None else torch.addmm(bias, x2, local_w.t())  # [B, n_out/p]
+            gathered = pending.wait()                                    # [p, B, k]
+            p, B = gathered.shape[0], x2.shape[0]
+            idx = _remote_index(p, rank, gathered.device)
+            remote = gathered.transpose(0, 1).index_select(1, idx).reshape(B, -1)  # [B, (p-1)k]
+            y.addmm_(remote, decomp_w.t())
         ctx.save_for_backward(x2, remote, local_w, comp_w, decomp_w)
-        ctx.group, ctx.rank, ctx.p, ctx.has_bias, ctx.lead = group, rank, gathered.shape[0], bias is not None, lead
+        ctx.group, ctx.rank, ctx.p, ctx.has_bias, ctx.lead = group, rank, p, bias is not None, lead
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
+        with _no_autocast(dy.device):
+            return _PhantomLinear._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x2, remote, local_w, comp_w, decomp_w = ctx.saved_tensors
-        p, k = ctx.p, comp_w.shape[0]
+        p, k, r = ctx.p, comp_w.shape[0], ctx.rank
         dy2 = dy.reshape(-1, dy.shape[-1])                               # [B, n_out/p]
-        B = dy2.shape[0]
-        d_remote = (dy2 @ decomp_w).reshape(B, p - 1, k).transpose(0, 1)  # [p-1, B, k]
-        d_all = dy2.new_zeros((p, B, k))
-        d_all[:ctx.rank] = d_remote[:ctx.rank]
-        d_all[ctx.rank + 1:] = d_remote[ctx.rank:]
+        B, mo = dy2.shape
+        d_all = dy2.new_empty((p, B, k))                                 # the send buffer
+        d_all[r].zero_()
+        decomp_3 = decomp_w.view(mo, p - 1, k).transpose(0, 1)           # [p-1, n_out/p, k]
+        for lo, hi, src in ((0, r, 0), (r + 1, p, r)):                   # slots before / after own
+            if hi > lo:                                                  # dG_j = dy D_ij
+                torch.matmul(dy2.expand(hi - lo, B, mo), decomp_3[src:src + hi - lo], out=d_all[lo:hi])
         pending = comm.reduce_scatter(d_all, ctx.group, async_op=True, tag="ghosts_bwd")
         need_x, need_l, need_c, need_d, need_b = ctx.needs_input_grad[:5]
         d_local = dy2.t() @ x2 if need_l else None                       # [n_out/p, n_in/p]
-        # (remote^T dy)^T: MKL runs this narrow product ~1.6x faster than dy^T remote on CPU
-        d_decomp = (remote.t() @ dy2).t() if need_d else None            # [n_out/p, (p-1)k]
+        d_decomp = None                                                  # [n_out/p, (p-1)k]
+        if need_d:
+            # CPU: (remote^T dy)^T, which MKL runs ~1.6x faster; CUDA: the plain product, whose
+            # contiguous result autograd accumulates without a copy
+            d_decomp = (remote.t() @ dy2).t() if dy2.device.type == "cpu" else dy2.t() @ remote
         d_bias = dy2.sum(0) if ctx.has_bias and need_b else None
         dx = dy2 @ local_w if need_x else None                           # [B, n_in/p]
         dg = pending.wait()                                              # [B, k]
@@ -75,6 +99,14 @@ class _PhantomLinear(torch.autograd.Function):
             dx.addmm_(dg, comp_w)
             dx = dx.reshape(*ctx.lead, dx.shape[-1])
         return dx, d_local, d_comp, d_decomp, d_bias, None, None
+
+
+def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The autocast dtype for ``x``'s device when autocast is on there (``nn.Linear``'s cast)."""
+    kind = x.device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def phantom_linear(x_shard: torch.Tensor, local_weight: torch.Tensor, compressor: torch.Tensor,
@@ -90,9 +122,19 @@ def phantom_linear(x_shard: torch.Tensor, local_weight: torch.Tensor, compressor
         decompressor: ``[D_ij for j != i]`` side by side, ``[n_out/p, (p-1)k]``.
         bias: ``b_i [n_out/p]`` or None.
     Returns ``y_shard [*, n_out/p]``. With a group of one rank this is ``x L^T + b``.
+
+    Under ``torch.autocast`` it behaves as ``nn.Linear``: the input and every weight are cast to
+    the autocast dtype (the casts are recorded, so parameter grads arrive in the parameters'
+    dtype), the GEMMs and the ghost exchange run in that dtype and so does the output.
     """
     if comm.group_size(group) == 1:
         return torch.nn.functional.linear(x_shard, local_weight, bias)
+    dtype = _autocast_dtype(x_shard)
+    if dtype is not None:
+        def cast(t):
+            return t if t is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
+        x_shard, local_weight, compressor, decompressor, bias = (
+            cast(t) for t in (x_shard, local_weight, compressor, decompressor, bias))
     return _PhantomLinear.apply(x_shard, local_weight, compressor, decompressor, bias, group, rank)
 
 

@@ -64,6 +64,28 @@ def test_nvml_not_supported_gives_none_with_reason():
     assert m.energy_j is None and m.source == "none" and "Not Supported" in m.reason
 
 
+def test_nvml_device_found_by_pci_bus_id_and_labelled_by_it():
+    calls = []
+    nvml = fake_nvml([0, 5_000, 9_000], calls)
+    boards = {"00000000:3b:00.0": ("handle", 3)}
+    nvml.nvmlDeviceGetHandleByPciBusId = lambda bus: boards[bus]             # KeyError: wrong GPU
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: pytest.fail("looked up by index")
+    nvml.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(busId=b"00000000:3B:00.0")
+    meter = energy.EnergyMeter(None, pci_bus_id="0000:3B:00.0", nvml=nvml)
+    m = _one_window(meter)
+    assert m.energy_j == pytest.approx(4.0) and list(m.per_device_j) == ["gpu:00000000:3b:00.0"]
+    assert "PCI bus id" in m.scope
+
+
+def test_cuda_device_that_cannot_be_identified_is_not_read_by_index():
+    """torch's cuda:1 is not NVML's GPU 1 under per-rank CUDA_VISIBLE_DEVICES: no guess."""
+    if torch.cuda.is_available():
+        pytest.skip("a real CUDA device identifies itself by PCI bus id")
+    m = _one_window(energy.EnergyMeter(torch.device("cuda", 1), nvml=fake_nvml([0, 1], []), sources=("nvml",),
+                                      sync=lambda: None))
+    assert m.energy_j is None and "cannot identify this rank's GPU" in m.reason
+
+
 def _powercap(root, uj, max_uj=2 ** 32):
     for zone, name in (("intel-rapl:0", "package-0"), ("intel-rapl:0:0", "core")):
         d = root / zone
@@ -128,19 +150,22 @@ def test_modeled_energy_is_flops_and_bytes_times_stated_constants():
 
 
 def _sum_rank(rank, world_size):
-    return [_sum_one(rank, s) for s in ("nvml", "rapl", "none")]
+    return [_sum_one(rank, s, label) for s, label in (("nvml", f"gpu:0000000{rank}:3b:00.0"),
+                                                       ("nvml", "gpu:00000000:3b:00.0"),
+                                                       ("rapl", "package-0"), ("none", None))]
 
 
-def _sum_one(rank, source):
+def _sum_one(rank, source, label):
     m = energy.Measurement("w", 1.0 + rank, None if source == "none" else 10.0 * (rank + 1),
-                           {} if source == "none" else {"dev": 10.0 * (rank + 1)}, source, "s",
+                           {} if source == "none" else {label: 10.0 * (rank + 1)}, source, "s",
                            "no counter" if source == "none" else None, False, 0.5)
     import torch.distributed as dist
     return energy.sum_over_group(m, dist.group.WORLD)
 
 
 def test_sum_over_group_explicit_and_rapl_counted_once_per_host():
-    nv, rapl, none = run_ranks(_sum_rank, 2)[0]
+    nv, shared, rapl, none = run_ranks(_sum_rank, 2)[0]
     assert nv.energy_j == pytest.approx(30.0) and nv.time_s == 2.0 and nv.cpu_time_s == 1.0
+    assert shared.energy_j == pytest.approx(10.0)          # one GPU read by both ranks: counted once
     assert rapl.energy_j == pytest.approx(10.0)            # both ranks on one host share the package
     assert none.energy_j is None and "no counter" in none.reason

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import comm, timing
-from .runner import _DTYPES, rank_device, sync
+from .runner import _DTYPES, sync
 
 __all__ = ["calibrate_rank"]
 
@@ -90,7 +90,7 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
     """Time each of ``terms`` (:mod:`phantom_plugin.timing` terms) on every rank at once; rank 0
     returns ``(seconds per term in order, {"latency_s", "bandwidth_bytes_per_s"})``."""
     group = dist.group.WORLD
-    device = rank_device()
+    device = comm.collective_device(group)   # the launcher set each NCCL rank's device
     dt = _DTYPES[dtype]
     torch.manual_seed(rank)
     out = []
@@ -119,7 +119,7 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
             t, s = max(colls, key=lambda ts: ts[0].values)
             link["bandwidth_bytes_per_s"] = t.bytes_sent / max(s - link["latency_s"], 1e-9)
         comm.COUNTER.reset()
-    secs = torch.tensor(out, dtype=torch.float64)
+    secs = torch.tensor(out, dtype=torch.float64, device=device)
     dist.all_reduce(secs, op=dist.ReduceOp.MAX, group=group)   # a step waits for its slowest rank
     return (secs.tolist(), link) if rank == 0 else None
 

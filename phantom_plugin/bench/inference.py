@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .. import comm, energy
 from .runner import (_DTYPES, RunSpec, build_model, count_params, energy_fields, machine_description,
-                     model_cost, peak_memory, quiet_third_party, rank_device, sync)
+                     model_cost, peak_memory, quiet_third_party, sync)
 
 __all__ = ["PHASES", "infer_rank", "percentile"]
 
@@ -51,7 +51,7 @@ def infer_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
     ``[throughput_record, latency_record]``, the other ranks ``None``."""
     quiet_third_party()
     group = dist.group.WORLD
-    device = rank_device()
+    device = comm.collective_device(group)   # the launcher set each NCCL rank's device
     dtype = _DTYPES[spec.dtype]
     meter = meter if meter is not None else energy.EnergyMeter(device)
     model = build_model(spec, group, device, dtype).eval()

@@ -108,7 +108,7 @@ def _ghosts_alone(spec, group, device, dtype, p: int) -> None:
 
 
 def _mean_over_group(values: list[float], group) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=comm.collective_device(group))
     dist.all_reduce(t, group=group)
     return (t / dist.get_world_size(group)).tolist()
 

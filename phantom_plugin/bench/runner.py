@@ -119,13 +119,6 @@ def model_cost(spec: RunSpec, p: int) -> cost.Cost:
     return cost.tp_ffn_cost(spec.width, spec.depth, p=p, batch=spec.batch, dtype_bytes=elt)
 
 
-def rank_device() -> torch.device:
-    """This rank's device: its current CUDA device under NCCL (set by the launcher), else the CPU."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,7 +163,8 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
     """
     quiet_third_party()
     group = dist.group.WORLD
-    device = rank_device()
+    # the launcher sets each NCCL rank's CUDA device first; a gloo run stays on the CPU
+    device = comm.collective_device(group)
     dtype = _DTYPES[spec.dtype]
     meter = meter if meter is not None else energy.EnergyMeter(device)
     model = build_model(spec, group, device, dtype)
@@ -207,7 +201,7 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
         bar.close()
     comm.COUNTER.reset()
     total = energy.sum_over_group(window, group) if isinstance(window, energy.Measurement) else window
-    cpu_sum = torch.tensor(cpu, dtype=torch.float64)
+    cpu_sum = torch.tensor(cpu, dtype=torch.float64, device=comm.collective_device(group))
     dist.all_reduce(cpu_sum, group=group)                  # CPU-seconds of all ranks, per step
     probe = None
     if spec.probe:

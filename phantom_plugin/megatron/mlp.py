@@ -71,7 +71,8 @@ class PhantomMLP(MegatronModule):
     Args:
         config: the ``TransformerConfig`` (``hidden_size``, ``ffn_hidden_size``,
             ``gated_linear_unit``, ``activation_func``, ``add_bias_linear``, ``params_dtype``,
-            ``use_cpu_initialization``, ``sequence_parallel`` are read).
+            ``use_cpu_initialization``, ``perform_initialization``, ``init_model_with_meta_device``,
+            ``sequence_parallel`` are read).
         submodules: ignored (kept for the spec contract).
         ghost_dim: ``k`` ghost neurons per rank, ``1 <= k <= min(h, ffn)/p``.
         seed: initialisation seed; layer ``l``'s fc1/fc2 are seeded from ``(seed, l)`` so the
@@ -100,21 +101,31 @@ class PhantomMLP(MegatronModule):
         self.sequence_parallel = bool(config.sequence_parallel) and p > 1
         self.activation_func = config.activation_func
         self.layer_number = 0
-        device = torch.device("cpu") if (config.use_cpu_initialization or not torch.cuda.is_available()) \
-            else torch.device("cuda", torch.cuda.current_device())
+        device = _param_device(config)
+        # perform_initialization=False (weights come from a checkpoint) and meta-device models
+        # allocate without drawing; otherwise draw once here and again only if the layer's seeds change
+        self._draws = bool(getattr(config, "perform_initialization", True)) and device.type != "meta"
         s1, s2 = _layer_seeds(seed, 0)
         kw = {"ghost_dim": ghost_dim, "group": group, "bias": config.add_bias_linear,
-              "device": device, "dtype": config.params_dtype}
+              "dtype": config.params_dtype}
         fc1_out = 2 * ffn if self.gated else ffn
-        self.linear_fc1 = PhantomLinear(h, fc1_out, seed=s1, **kw)
-        self.linear_fc2 = PhantomLinear(ffn, h, seed=s2, **kw)
+        self.linear_fc1 = _build(h, fc1_out, s1, device, self._draws, kw)
+        self.linear_fc2 = _build(ffn, h, s2, device, self._draws, kw)
 
     def set_layer_number(self, layer_number: int) -> None:
-        """Called by ``TransformerLayer`` after construction; reseeds both layers for ``layer_number``."""
+        """Called by ``TransformerLayer`` after construction: reseeds both layers for ``layer_number``.
+
+        Redraws the weights (when this MLP draws at all: ``perform_initialization`` and not on
+        the meta device) only if the seeds changed. On the meta device,
+        :meth:`PhantomLinear.reset_parameters` draws these seeds' values after ``to_empty``.
+        """
         self.layer_number = layer_number
-        self.linear_fc1.seed, self.linear_fc2.seed = _layer_seeds(self.seed, layer_number)
-        self.linear_fc1.reset_parameters()
-        self.linear_fc2.reset_parameters()
+        seeds = _layer_seeds(self.seed, layer_number)
+        changed = seeds != (self.linear_fc1.seed, self.linear_fc2.seed)
+        self.linear_fc1.seed, self.linear_fc2.seed = seeds
+        if changed and self._draws:
+            self.linear_fc1.reset_parameters()
+            self.linear_fc2.reset_parameters()
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -234,6 +245,26 @@ class PhantomMLP(MegatronModule):
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, ffn={self.ffn_hidden_size}, ghost_dim={self.ghost_dim}, "
                 f"p={self.world}, gated={self.gated}, sequence_parallel={self.sequence_parallel}")
+
+
+def _param_device(config) -> torch.device:
+    """``meta`` with ``init_model_with_meta_device``, the CPU with ``use_cpu_initialization`` or
+    without CUDA, else this rank's current CUDA device (megatron sets it before building)."""
+    if getattr(config, "init_model_with_meta_device", False):
+        return torch.device("meta")
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _build(n_in: int, n_out: int, seed: int, device: torch.device, draw: bool, kw: dict) -> PhantomLinear:
+    """A ``PhantomLinear`` on ``device``, its weights drawn from ``seed`` only when ``draw``."""
+    if draw or device.type == "meta":
+        return PhantomLinear(n_in, n_out, seed=seed, device=device, **kw)
+    layer = PhantomLinear(n_in, n_out, seed=seed, device="meta", **kw)
+    layer.to_empty(device=device)                                 # allocated, not drawn
+    layer._tag()
+    return layer
 
 
 def _check_args(config, k, is_expert, input_size, h, ffn, p) -> None:
