@@ -13,8 +13,9 @@ Objects (all megatron-core local-spec flavour unless named ``te``):
 * ``phantom_te_layer_spec``: the Transformer Engine spec with phantom MLPs and the MLP norm
   restored; defined only when Transformer Engine is installed.
 
-Errors are raised as ``RuntimeError``: megatron's importer swallows ``ImportError`` and would
-silently fall back to its default spec.
+Errors are raised as ``RuntimeError`` (bad environment) or ``ValueError`` (nothing to swap, from
+:func:`~phantom_plugin.megatron.with_phantom_mlp`), never ``ImportError``: megatron's importer
+swallows ``ImportError`` and would silently fall back to its default spec.
 """
 from __future__ import annotations
 
