@@ -135,6 +135,30 @@ def _generate(rank, world):
             "left": count_phantom_mlps(model), "errors": errors, "logits_shard": logits.numpy()}
 
 
+def _constructor_kwargs(rank, world):
+    """What 0.18+'s TransformerLayer passes (config, pg_collection, is_mtp_layer, name), and
+    tp_group taking precedence over pg_collection.tp; a ghost_dim too large is refused."""
+    import types
+    import torch
+    import torch.distributed as dist
+    import megatron_utils as mu
+    from phantom_plugin.megatron import PhantomMLP
+    own, other = dist.new_group([0, 1]), dist.new_group([0, 1])
+    cfg = mu.make_config(world)
+    built = PhantomMLP(cfg, ghost_dim=2, seed=1, pg_collection=types.SimpleNamespace(tp=own),
+                       is_mtp_layer=False, name="decoder.layers.0.mlp")
+    first = PhantomMLP(cfg, ghost_dim=2, tp_group=other, pg_collection=types.SimpleNamespace(tp=own))
+    x = torch.randn(3, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    out, bias = built(x, padding_mask=None)
+    try:
+        PhantomMLP(cfg, ghost_dim=17, pg_collection=types.SimpleNamespace(tp=own))   # min(32, 64)/2 = 16
+        too_big = None
+    except ValueError as e:
+        too_big = str(e)
+    return {"group_from_collection": built.tp_group is own, "tp_group_first": first.tp_group is other,
+            "name": built.name, "out": out.detach().numpy(), "bias": bias, "too_big": too_big}
+
+
 def _single_pipeline(rank, world):
     """The TP=2, PP=1 reference for the TP=2 x PP=2 run: same weights (by global name), one step."""
     import megatron_utils as mu
@@ -151,7 +175,8 @@ def _tp2_all(rank, world):
     import megatron_utils as mu
     mu.init_megatron(world)
     return {"train": _train(rank, world), "train_swiglu": _train(rank, world, gated=True),
-            "generate": _generate(rank, world), "norm": _grad_norm(rank, world),
+            "generate": _generate(rank, world), "kwargs": _constructor_kwargs(rank, world),
+            "norm": _grad_norm(rank, world),
             "convert": _convert(rank, world), "pp_ref": _single_pipeline(rank, world)}
 
 
@@ -215,6 +240,15 @@ def test_greedy_generation_rank_identical_and_equal_to_dense_conversion(tp2):
     # each generated token is the argmax of one full causal forward pass over the vocab shards
     full = np.concatenate([a["logits_shard"], b["logits_shard"]], axis=-1)    # [b, s-1, V]
     assert np.array_equal(full.argmax(-1)[:, 5:], a["phantom"][:, 6:])
+
+
+def test_constructor_takes_what_newer_transformer_layers_pass(tp2):
+    a, b = (r["kwargs"] for r in tp2)
+    for r in (a, b):
+        assert r["group_from_collection"] and r["tp_group_first"]
+        assert r["name"] == "decoder.layers.0.mlp" and r["bias"] is None
+        assert "ghost_dim=17 exceeds min(hidden_size, ffn_hidden_size)/p = 32/2 = 16" in r["too_big"]
+    assert np.array_equal(a["out"], b["out"])                        # identical on both ranks
 
 
 def test_grad_norm_counts_phantom_parameters_on_every_rank(tp2):

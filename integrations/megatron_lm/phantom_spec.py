@@ -23,7 +23,10 @@ import os
 
 from megatron.core.models.gpt import gpt_layer_specs as _specs
 
-from phantom_plugin.megatron import get_gpt_layer_phantom_spec
+try:
+    from phantom_plugin.megatron import get_gpt_layer_phantom_spec
+except ImportError as e:   # e.g. megatron-core older than supported: megatron would swallow ImportError
+    raise RuntimeError(f"integrations.megatron_lm.phantom_spec: {e}") from e
 
 
 def _env_int(name: str, default=None) -> int:
