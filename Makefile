@@ -13,7 +13,7 @@ PY312 := $(VENV312)/bin/python
 STAMP312 := $(VENV312)/.installed
 PYTHON312 ?= $(shell for c in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do \
 	$$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$c; break; }; done)
-MEGATRON_TESTS ?= tests/test_megatron_*.py
+MEGATRON_TESTS ?= tests/test_megatron_*.py tests/test_tp_baseline.py
 
 .PHONY: install install312 demo test test311 test312 clean
 
