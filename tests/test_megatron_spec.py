@@ -213,3 +213,13 @@ def test_megatron_lm_spec_module(monkeypatch):
     with pytest.raises(ValueError, match="no dense MLP to replace.*MoELayer"):
         importlib.import_module(name)
     sys.modules.pop(name, None)
+
+
+def test_megatrons_own_block_spec_with_moe_and_dense_layers():
+    """get_gpt_decoder_block_spec (what GPT training scripts build): dense layers swapped, MoE kept."""
+    import megatron_utils as mu
+    cfg = mu.make_config(1, num_layers=4, num_moe_experts=4, moe_layer_freq=[1, 0, 1, 0])
+    block = specs.get_gpt_decoder_block_spec(cfg, use_transformer_engine=False, pp_rank=0)
+    out = with_phantom_mlp(block, ghost_dim=2)
+    names = [_mlp_entry(s).__name__ for s in out.layer_specs]
+    assert names == ["MoELayer", "PhantomMLP", "MoELayer", "PhantomMLP"], names
