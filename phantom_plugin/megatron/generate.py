@@ -74,15 +74,13 @@ def greedy_generate(model, prompt: torch.Tensor, max_new_tokens: int, *, tp_grou
     group = resolve_tp_group(tp_group, getattr(gpt, "pg_collection", None), WHO)
     p = comm.group_size(group)
     error = _local_error(gpt, prompt, max_new_tokens)
-    fields = {}
-    if error is None:
+    fields = {"batch": 0, "prompt_len": 0, "max_new_tokens": 0, "prompt_checksum": 0}
+    if error is None:                     # a position-weighted sum: a changed or moved token shows
         weights = torch.arange(1, prompt.numel() + 1, device=prompt.device).view_as(prompt)
         fields = {"batch": prompt.shape[0], "prompt_len": prompt.shape[1],
                   "max_new_tokens": max_new_tokens,
                   "prompt_checksum": int((prompt.long() * weights).sum() % (1 << 61))}
-    else:
-        fields = {"batch": 0, "prompt_len": 0, "max_new_tokens": 0, "prompt_checksum": 0}
-    checks.agree_across_group(group, p, WHO, fields, error)
+    checks.agree_across_group(group, p, WHO, fields, error)     # before any forward or collective
 
     was_training = model.training
     model.eval()
