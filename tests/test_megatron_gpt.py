@@ -65,11 +65,11 @@ def _grad_norm(rank, world):
     grads = [p.grad for p in model.parameters()
              if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
     group = parallel_state.get_model_parallel_group()
-    if parse_version(megatron.core.__version__) < (0, 17):
+    if parse_version(megatron.core.__version__) < (0, 19):
         # norm_type 3: megatron's 2-norm path allocates on CUDA; the counting logic is the same
         norm = get_grad_norm_fp32(grads, norm_type=3, grad_stats_parallel_group=group)
     else:
-        # 0.17+ allocates the accumulator on CUDA for every norm type: the same sum and
+        # 0.19 allocates the accumulator on CUDA for every norm type: the same sum and
         # all-reduce over the model-parallel group, over the grads megatron's filters keep
         total = torch.tensor([sum(float((g.double().abs() ** 3).sum()) for g in grads)], dtype=torch.float64)
         torch.distributed.all_reduce(total, group=group)

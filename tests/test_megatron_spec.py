@@ -29,7 +29,7 @@ def _dense_forms(submodules):
     """Every way this megatron-core can write a dense MLP in a layer spec."""
     forms = {"ModuleSpec(MLP)": ModuleSpec(module=MLP, submodules=submodules),
              "partial(MLP)": functools.partial(MLP, submodules=submodules)}
-    if hasattr(MLP, "as_mlp_submodule"):                            # megatron-core 0.17+
+    if hasattr(MLP, "as_mlp_submodule"):                            # megatron-core 0.18+
         forms["partial(MLP.as_mlp_submodule)"] = functools.partial(MLP.as_mlp_submodule,
                                                                    submodules=submodules)
     return forms
@@ -40,7 +40,7 @@ def test_layer_spec_swap_copies_and_keeps_attention():
     before = repr(base)
     out = with_phantom_mlp(base, ghost_dim=8, seed=3)
     assert repr(base) == before                                      # input not mutated
-    assert _mlp_entry(base) in (MLP, getattr(MLP, "as_mlp_submodule", MLP))   # 0.16 / 0.17+ form
+    assert _mlp_entry(base) in (MLP, getattr(MLP, "as_mlp_submodule", MLP))   # 0.16-0.17 / 0.18+ form
     assert _mlp_module(out) is PhantomMLP
     assert out.submodules.mlp.params == {"ghost_dim": 8, "seed": 3}
     assert out.submodules.self_attention.submodules.linear_qkv is \

@@ -1,7 +1,7 @@
 """The megatron-core releases this adapter supports, checked once at import.
 
-Tested: 0.16 (the newest release Python 3.11 resolves) and 0.19 (the newest, Python 3.12); both
-run in ``make test``. Releases before 0.16 are refused: their ``TransformerLayer``, process-group
+Tested: 0.16.1 (the newest release Python 3.11 resolves) and 0.19.2 (the newest, Python 3.12),
+both in ``make test``; 0.17.1 and 0.18.2 passed the same Megatron tests once, by hand. Releases before 0.16 are refused: their ``TransformerLayer``, process-group
 and checkpoint interfaces differ from what the adapter and its tests were written against.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 MIN_MEGATRON_CORE = (0, 16)
-TESTED = "0.16 - 0.19"
+TESTED = "0.16.1, 0.17.1, 0.18.2, 0.19.2"
 
 
 def _installed_version() -> str:

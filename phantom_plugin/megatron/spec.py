@@ -5,12 +5,12 @@ block spec (``ModuleSpec`` of a ``TransformerBlock``) or ``TransformerBlockSubmo
 replaces every dense MLP with :class:`PhantomMLP`. A dense MLP appears in a layer spec in one of
 two forms, depending on the megatron-core release:
 
-* ``ModuleSpec(module=MLP, submodules=MLPSubmodules(...))`` (0.16; also accepted by 0.19), and
-* ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))`` (0.17 and later),
+* ``ModuleSpec(module=MLP, submodules=MLPSubmodules(...))`` (0.16, 0.17; also accepted later), and
+* ``functools.partial(MLP.as_mlp_submodule, submodules=MLPSubmodules(...))`` (0.18 and later),
 
 with ``MLP``, Transformer Engine's ``TEFusedMLP`` or ``TEFusedMLPWithGroupedLinear``. The output
-is always ``ModuleSpec(module=PhantomMLP, params={...})``, which both 0.16's ``build_module`` and
-0.19's ``TransformerLayer`` (it calls the spec) build. MoE layers are left alone and the input is
+is always ``ModuleSpec(module=PhantomMLP, params={...})``, which both 0.16/0.17's ``build_module``
+and 0.18+'s ``TransformerLayer`` (it calls the spec) build. MoE layers are left alone and the input is
 never mutated. When nothing is swapped (an all-MoE spec, a layout this module does not know) a
 ``ValueError`` names what was found: never a silent no-op.
 
@@ -178,7 +178,7 @@ def with_phantom_mlp(spec: Spec, *, ghost_dim: int, seed: int = 0, norm=None) ->
 
     Args:
         spec: layer spec, block spec or ``TransformerBlockSubmodules`` (local or TE flavour; dense
-            MLPs as ``ModuleSpec`` or as megatron-core 0.17+'s ``partial(...as_mlp_submodule)``).
+            MLPs as ``ModuleSpec`` or as megatron-core 0.18+'s ``partial(...as_mlp_submodule)``).
         ghost_dim: ``k`` ghost neurons per rank, ``1 <= k <= min(h, ffn)/p``.
         seed: phantom initialisation seed (layer ``l`` draws from ``(seed, l)``).
         norm: the norm class restored where TE fused it into fc1 (default: ``TENorm``, or
