@@ -15,10 +15,9 @@ try:
     import megatron.core  # noqa: F401
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("phantom_plugin.megatron needs megatron-core: pip install 'phantom_plugin[megatron]'") from e
-
-from ._version import check_megatron_version
-
-check_megatron_version()
+else:  # an older release fails here with the version and the fix, not deep inside an import below
+    from ._version import check_megatron_version
+    check_megatron_version()
 
 from .checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from .convert import MLPConversion, convert_to_dense, convert_to_phantom, dense_mlp_weights
@@ -29,5 +28,6 @@ from .spec import NORM_KEY_MAP, count_phantom_mlps, get_gpt_layer_phantom_spec, 
 __all__ = [
     "PhantomMLP", "PhantomCheckpointError", "resolve_tp_group", "with_phantom_mlp",
     "get_gpt_layer_phantom_spec", "count_phantom_mlps", "greedy_generate", "NORM_KEY_MAP",
-    "convert_to_phantom", "convert_to_dense", "dense_mlp_weights", "MLPConversion", "check_checkpoint", "save_checkpoint", "load_checkpoint",
+    "convert_to_phantom", "convert_to_dense", "dense_mlp_weights", "MLPConversion",
+    "check_checkpoint", "save_checkpoint", "load_checkpoint",
 ]

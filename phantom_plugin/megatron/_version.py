@@ -1,8 +1,9 @@
 """The megatron-core releases this adapter supports, checked once at import.
 
 Tested: 0.16.1 (the newest release Python 3.11 resolves) and 0.19.2 (the newest, Python 3.12),
-both in ``make test``; 0.17.1 and 0.18.2 passed the same Megatron tests once, by hand. Releases before 0.16 are refused: their ``TransformerLayer``, process-group
-and checkpoint interfaces differ from what the adapter and its tests were written against.
+both in ``make test``; 0.17.1 and 0.18.2 passed the same Megatron tests once, by hand. Releases
+before 0.16 are refused: they are untested, and an adapter that half-works on them would fail
+deep inside megatron instead of here.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ fc2's bias is a shard ``[h/p]``, so it is added before the gather and ``output_b
 
 The group is ``tp_group``, else ``pg_collection.tp``, else megatron's parallel state.
 megatron-core 0.18+'s ``TransformerLayer`` passes ``pg_collection`` (with ``name`` and
-``is_mtp_layer``) to every MLP builder. 0.16's passes ``tp_group`` only to its own ``MLP`` class
-(an identity check) and logs "Unknown MLP type ... Using default kwargs" once per layer for this
-one; the fallback to ``parallel_state`` covers that case (README, "Megatron-core releases").
+``is_mtp_layer``) to every MLP builder. 0.16/0.17's pass ``tp_group`` only to their own ``MLP``
+class (an identity check) and log "Unknown MLP type ... Using default kwargs" once per layer for
+this one; the fallback to ``parallel_state`` covers that case (README, "Megatron-core releases").
 """
 from __future__ import annotations
 
@@ -104,7 +104,8 @@ class PhantomMLP(MegatronModule):
         self.gated = bool(config.gated_linear_unit)
         self.sequence_parallel = bool(config.sequence_parallel) and p > 1
         self.activation_func = config.activation_func
-        self.layer_number, self.name = 0, name
+        self.layer_number = 0
+        self.name = name
         device = torch.device("cpu") if (config.use_cpu_initialization or not torch.cuda.is_available()) \
             else torch.device("cuda", torch.cuda.current_device())
         s1, s2 = _layer_seeds(seed, 0)
