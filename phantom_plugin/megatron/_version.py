@@ -2,8 +2,9 @@
 
 Tested: 0.16.1 (the newest release Python 3.11 resolves) and 0.19.2 (the newest, Python 3.12),
 both in ``make test``; 0.17.1 and 0.18.2 passed the same Megatron tests once, by hand. Releases
-before 0.16 are refused: they are untested, and an adapter that half-works on them would fail
-deep inside megatron instead of here.
+before 0.16 are refused here, with the fix, rather than failing deep inside an import: 0.15.3, for
+one, lacks ``megatron.core.transformer.utils.ensure_metadata_has_dp_cp_group``, which
+``PhantomMLP.sharded_state_dict`` uses.
 """
 from __future__ import annotations
 
