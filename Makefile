@@ -5,7 +5,17 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+# Second test leg: the Megatron tests against the newest megatron-core, which needs Python >= 3.12
+# (a 3.11 venv resolves megatron-core 0.16). torch comes from the registry there (the CUDA build;
+# it runs on CPU). PYTHON312 is found on PATH or in pyenv; empty means the leg is skipped, loudly.
+VENV312 ?= .venv312
+PY312 := $(VENV312)/bin/python
+STAMP312 := $(VENV312)/.installed
+PYTHON312 ?= $(shell for c in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do \
+	$$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$c; break; }; done)
+MEGATRON_TESTS ?= tests/test_megatron_*.py tests/test_tp_baseline.py
+
+.PHONY: install install312 demo test test311 test312 clean
 
 install: $(STAMP)
 
@@ -16,11 +26,37 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[megatron,deepspeed,energy,test]'
 	touch $(STAMP)
 
+install312: $(STAMP312)
+
+$(STAMP312): setup.py
+	$(PYTHON312) -m venv $(VENV312)
+	$(PY312) -m pip install -q --upgrade pip
+	$(PY312) -m pip install -q $(TORCH)
+	$(PY312) -m pip install -q --upgrade -e '.[megatron,test]'
+	touch $(STAMP312)
+
 demo: install
 	$(PY) examples/ffn_demo.py
 
-test: install
+# Both legs always run; the target fails if either failed.
+test:
+	@rc=0; $(MAKE) --no-print-directory test311 || rc=1; \
+	$(MAKE) --no-print-directory test312 || rc=1; exit $$rc
+
+test311: install
 	$(PY) -m pytest -q tests
 
+test312:
+ifeq ($(strip $(PYTHON312)),)
+	@echo "################################################################"
+	@echo "SKIPPED: python3.12 leg (no python3.12 found; the Megatron tests"
+	@echo "ran only against the megatron-core that this Python resolves)"
+	@echo "################################################################"
+else
+	$(MAKE) --no-print-directory install312
+	$(PY312) -c 'import megatron.core, torch, sys; print("python3.12 leg:", sys.version.split()[0], "torch", torch.__version__, "megatron-core", megatron.core.__version__)'
+	$(PY312) -m pytest -q $(MEGATRON_TESTS)
+endif
+
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache

@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["phantom_plugin", "phantom_plugin.*", "integrations", "integrations.*"]),
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "megatron": ["megatron-core>=0.12"],
+        "megatron": ["megatron-core>=0.16", "psutil"],
         "deepspeed": ["deepspeed>=0.16", "pydantic>=2"],
         "energy": ["nvidia-ml-py"],
         "bench": ["matplotlib"],

@@ -9,6 +9,12 @@ Prints loss, tokens/s, bytes sent per step per rank (every collective: megatron'
 CPU (gloo), 2 ranks, a few minutes::
 
     torchrun --nproc_per_node 2 examples/megatron_gpt_phantom.py
+    torchrun --nproc_per_node 2 examples/megatron_gpt_phantom.py --steps 60 --generate 48
+
+``--generate N`` then continues a held-out prompt by ``N`` greedy tokens with the trained phantom
+model (``phantom_plugin.megatron.greedy_generate``: no KV cache, runs on CPU), converts the model
+to dense TP MLPs (``convert_to_dense``, exact) and checks that the dense model picks the same
+tokens on every rank.
 
 On GPUs (NCCL, one per rank) it uses the stock spec (Transformer Engine when installed) and RoPE;
 on CPU a CPU-friendly ``core_attention`` (SDPA) and learned absolute positions.
@@ -105,7 +111,29 @@ def run(args, phantom: bool, train, evals, device) -> dict:
             "tokens_per_s": timed * args.batch * args.seq / elapsed,
             "bytes_per_step": sum(r.sent_bytes for r in records) / timed,
             "phantom_mlp_bytes_per_step": sum(r.sent_bytes for r in records if r.tag in mlp_tags) / timed,
-            "params": unique_params(model), "mlp_params": unique_params(model, ".mlp.")}
+            "params": unique_params(model), "mlp_params": unique_params(model, ".mlp."), "model": model}
+
+
+def generate(args, model, prompt: torch.Tensor) -> None:
+    """Greedy continuation by the phantom model and by its exact dense conversion; they must agree."""
+    from phantom_plugin import comm
+    from phantom_plugin.megatron import convert_to_dense, count_phantom_mlps, greedy_generate
+    if count_phantom_mlps(model) != args.layers:
+        raise SystemExit(f"expected {args.layers} phantom MLPs, the model holds {count_phantom_mlps(model)}")
+    phantom = greedy_generate(model, prompt, args.generate)
+    convert_to_dense(model)
+    dense = greedy_generate(model, prompt, args.generate)
+    same = torch.equal(phantom, dense)
+    ranks = comm.all_gather(phantom, None).cpu()                          # [p, 1, s + N]
+    rank_identical = all(torch.equal(ranks[0], r) for r in ranks)
+    if dist.get_rank() == 0:
+        text = lambda t: bytes(t.tolist()).decode("utf-8", errors="replace")  # noqa: E731
+        n = prompt.shape[1]
+        print(f"\nprompt:   {text(prompt[0])!r}\nphantom:  {text(phantom[0, n:])!r}\n"
+              f"dense:    {text(dense[0, n:])!r}\n{args.generate} greedy tokens: dense conversion "
+              f"{'identical' if same else 'DIFFERENT'}, TP ranks {'identical' if rank_identical else 'DIFFERENT'}")
+    if not (same and rank_identical):
+        raise SystemExit("greedy tokens differ between the phantom model, its dense conversion or the ranks")
 
 
 def main() -> None:
@@ -121,6 +149,8 @@ def main() -> None:
     ap.add_argument("--ghost-dim", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="after training, continue a held-out prompt by N greedy tokens (phantom and dense)")
     args = ap.parse_args()
     gpu = torch.cuda.is_available()
     if gpu:
@@ -133,6 +163,8 @@ def main() -> None:
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    if not 0 <= args.generate < args.seq:
+        raise SystemExit(f"--generate ({args.generate}) must be in [0, --seq) = [0, {args.seq})")
     data = stdlib_bytes(4_000_000)
     split = int(0.95 * data.numel())
     train = make_batches(data[:split], args.steps, args.batch, args.seq, args.seed)
@@ -158,6 +190,9 @@ def main() -> None:
                   f"{r['tokens_per_s']:,.0f} | {r['bytes_per_step'] / 1e6:.2f} | {r['mlp_bytes'] / 1e6:.2f} | "
                   f"{r['params']:,} | {r['mlp_params']:,} |")
         print(f"cost model, MLP MB/step/rank: TP {tp_mlp / 1e6:.2f}, phantom {ph_mlp / 1e6:.2f}")
+    if args.generate:
+        n = min(32, args.seq - args.generate)
+        generate(args, results[1]["model"], data[split:split + n].view(1, n).to(device))
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -23,14 +23,19 @@ def _phantom_spec(k=4):
     return with_phantom_mlp(get_gpt_layer_local_spec(), ghost_dim=k)
 
 
-def _train(rank, world):
-    """TP=2 GPT built from with_phantom_mlp(get_gpt_layer_local_spec()) trains on stdlib bytes."""
+def _train(rank, world, gated=False):
+    """TP=2 GPT built from with_phantom_mlp(get_gpt_layer_local_spec()) trains on stdlib bytes
+    (GELU with bias, or SwiGLU without bias)."""
     import torch
+    import torch.nn.functional as F
     import megatron_utils as mu
-    from phantom_plugin.megatron import PhantomMLP
+    from phantom_plugin.megatron import PhantomMLP, count_phantom_mlps
     torch.manual_seed(0)
-    model = mu.build_gpt(mu.make_config(world), _phantom_spec(), seq=SEQ)
+    extra = dict(gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False) if gated else {}
+    model = mu.build_gpt(mu.make_config(world, **extra), _phantom_spec(), seq=SEQ)
     assert all(isinstance(layer.mlp, PhantomMLP) for layer in model.decoder.layers)
+    assert count_phantom_mlps(model) == len(model.decoder.layers) == 2
+    assert model.decoder.layers[0].mlp.gated is gated
     hidden = []
     model.decoder.register_forward_hook(lambda m, i, out: hidden.append(out.detach()))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -46,9 +51,12 @@ def _train(rank, world):
 
 def _grad_norm(rank, world):
     """Megatron's grad-norm path (its parameter filter and get_grad_norm_fp32) against all grads."""
+    import megatron.core
+    import torch
     import megatron_utils as mu
     from megatron.core import parallel_state
     from megatron.core.optimizer.clip_grads import get_grad_norm_fp32
+    from phantom_plugin.megatron._version import parse_version
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
     model = mu.build_gpt(mu.make_config(world), _phantom_spec(), seq=SEQ)
@@ -56,9 +64,16 @@ def _grad_norm(rank, world):
     mu.gpt_loss(model, tok, lab, pos).backward()
     grads = [p.grad for p in model.parameters()
              if p.grad is not None and param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p)]
-    # norm_type 3: megatron's 2-norm path allocates on CUDA; the counting logic is the same
-    norm = get_grad_norm_fp32(grads, norm_type=3,
-                              grad_stats_parallel_group=parallel_state.get_model_parallel_group())
+    group = parallel_state.get_model_parallel_group()
+    if parse_version(megatron.core.__version__) < (0, 19):
+        # norm_type 3: megatron's 2-norm path allocates on CUDA; the counting logic is the same
+        norm = get_grad_norm_fp32(grads, norm_type=3, grad_stats_parallel_group=group)
+    else:
+        # 0.19 allocates the accumulator on CUDA for every norm type: the same sum and
+        # all-reduce over the model-parallel group, over the grads megatron's filters keep
+        total = torch.tensor([sum(float((g.double().abs() ** 3).sum()) for g in grads)], dtype=torch.float64)
+        torch.distributed.all_reduce(total, group=group)
+        norm = total.item() ** (1 / 3)
     phantom = {n: bool(getattr(p, "tensor_model_parallel", False)) for n, p in model.named_parameters()
                if ".mlp." in n}
     return {"norm": norm, "phantom_tp_attr": phantom,
@@ -94,6 +109,56 @@ def _convert(rank, world):
     return out
 
 
+def _generate(rank, world):
+    """Greedy tokens of a phantom GPT, then of the same model after convert_to_dense; bad requests."""
+    import torch
+    import megatron_utils as mu
+    from phantom_plugin.megatron import convert_to_dense, count_phantom_mlps, greedy_generate
+    model = mu.build_gpt(mu.make_config(world), _phantom_spec(), seq=SEQ)
+    mu.set_params_by_name(model, rank, scale=0.3)           # varied logits: tokens depend on context
+    prompt = mu.batches(1, 2, 6)[0][0]                      # [2, 6] stdlib bytes
+    phantom = greedy_generate(model, prompt, SEQ - 6)       # up to max_sequence_length
+    with torch.no_grad():
+        logits = model(phantom[:, :-1], torch.arange(SEQ - 1).expand(2, SEQ - 1), None)  # causal
+    errors = {}
+    try:
+        greedy_generate(model, prompt, SEQ - 5)             # one past max_sequence_length
+    except ValueError as e:
+        errors["too_long"] = str(e)
+    try:                                                    # ranks pass different prompts
+        greedy_generate(model, prompt + rank, 2)
+    except ValueError as e:
+        errors["differs"] = str(e)
+    n_dense = convert_to_dense(model)
+    dense = greedy_generate(model, prompt, SEQ - 6)
+    return {"phantom": phantom.numpy(), "dense": dense.numpy(), "converted": n_dense,
+            "left": count_phantom_mlps(model), "errors": errors, "logits_shard": logits.numpy()}
+
+
+def _constructor_kwargs(rank, world):
+    """What 0.18+'s TransformerLayer passes (config, pg_collection, is_mtp_layer, name), and
+    tp_group taking precedence over pg_collection.tp; a ghost_dim too large is refused."""
+    import types
+    import torch
+    import torch.distributed as dist
+    import megatron_utils as mu
+    from phantom_plugin.megatron import PhantomMLP
+    own, other = dist.new_group([0, 1]), dist.new_group([0, 1])
+    cfg = mu.make_config(world)
+    built = PhantomMLP(cfg, ghost_dim=2, seed=1, pg_collection=types.SimpleNamespace(tp=own),
+                       is_mtp_layer=False, name="decoder.layers.0.mlp")
+    first = PhantomMLP(cfg, ghost_dim=2, tp_group=other, pg_collection=types.SimpleNamespace(tp=own))
+    x = torch.randn(3, 2, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    out, bias = built(x, padding_mask=None)
+    try:
+        PhantomMLP(cfg, ghost_dim=17, pg_collection=types.SimpleNamespace(tp=own))   # min(32, 64)/2 = 16
+        too_big = None
+    except ValueError as e:
+        too_big = str(e)
+    return {"group_from_collection": built.tp_group is own, "tp_group_first": first.tp_group is other,
+            "name": built.name, "out": out.detach().numpy(), "bias": bias, "too_big": too_big}
+
+
 def _single_pipeline(rank, world):
     """The TP=2, PP=1 reference for the TP=2 x PP=2 run: same weights (by global name), one step."""
     import megatron_utils as mu
@@ -109,7 +174,9 @@ def _single_pipeline(rank, world):
 def _tp2_all(rank, world):
     import megatron_utils as mu
     mu.init_megatron(world)
-    return {"train": _train(rank, world), "norm": _grad_norm(rank, world),
+    return {"train": _train(rank, world), "train_swiglu": _train(rank, world, gated=True),
+            "generate": _generate(rank, world), "kwargs": _constructor_kwargs(rank, world),
+            "norm": _grad_norm(rank, world),
             "convert": _convert(rank, world), "pp_ref": _single_pipeline(rank, world)}
 
 
@@ -151,11 +218,37 @@ def tp2():
     return run_ranks(_tp2_all, 2)
 
 
-def test_tp2_gpt_trains_with_falling_loss_and_identical_hidden_states(tp2):
-    a, b = (r["train"] for r in tp2)
+@pytest.mark.parametrize("run", ["train", "train_swiglu"])
+def test_tp2_gpt_trains_with_falling_loss_and_identical_hidden_states(tp2, run):
+    a, b = (r[run] for r in tp2)
     assert a["losses"] == b["losses"]
     assert a["losses"][-1] < a["losses"][0] - 0.3, a["losses"]
     assert np.array_equal(a["hidden"], b["hidden"])                  # replicated residual stream
+
+
+def test_greedy_generation_rank_identical_and_equal_to_dense_conversion(tp2):
+    a, b = (r["generate"] for r in tp2)
+    assert a["phantom"].shape == (2, SEQ)
+    assert np.array_equal(a["phantom"], b["phantom"])                # every TP rank, same tokens
+    assert np.array_equal(a["phantom"][:, :6], b["dense"][:, :6])    # the prompt is kept
+    assert len(set(a["phantom"][:, 6:].ravel().tolist())) > 2        # not a constant continuation
+    for r in (a, b):
+        assert np.array_equal(r["phantom"], r["dense"])              # exact conversion, same tokens
+        assert r["converted"] == 2 and r["left"] == 0
+        assert "exceeds the model's max_sequence_length 16" in r["errors"]["too_long"]
+        assert "ranks disagree on `prompt_checksum`" in r["errors"]["differs"]
+    # each generated token is the argmax of one full causal forward pass over the vocab shards
+    full = np.concatenate([a["logits_shard"], b["logits_shard"]], axis=-1)    # [b, s-1, V]
+    assert np.array_equal(full.argmax(-1)[:, 5:], a["phantom"][:, 6:])
+
+
+def test_constructor_takes_what_newer_transformer_layers_pass(tp2):
+    a, b = (r["kwargs"] for r in tp2)
+    for r in (a, b):
+        assert r["group_from_collection"] and r["tp_group_first"]
+        assert r["name"] == "decoder.layers.0.mlp" and r["bias"] is None
+        assert "ghost_dim=17 exceeds min(hidden_size, ffn_hidden_size)/p = 32/2 = 16" in r["too_big"]
+    assert np.array_equal(a["out"], b["out"])                        # identical on both ranks
 
 
 def test_grad_norm_counts_phantom_parameters_on_every_rank(tp2):

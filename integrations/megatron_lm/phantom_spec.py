@@ -13,8 +13,9 @@ Objects (all megatron-core local-spec flavour unless named ``te``):
 * ``phantom_te_layer_spec``: the Transformer Engine spec with phantom MLPs and the MLP norm
   restored; defined only when Transformer Engine is installed.
 
-Errors are raised as ``RuntimeError``: megatron's importer swallows ``ImportError`` and would
-silently fall back to its default spec.
+Errors are raised as ``RuntimeError`` (bad environment) or ``ValueError`` (nothing to swap, from
+:func:`~phantom_plugin.megatron.with_phantom_mlp`), never ``ImportError``: megatron's importer
+swallows ``ImportError`` and would silently fall back to its default spec.
 """
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ import os
 
 from megatron.core.models.gpt import gpt_layer_specs as _specs
 
-from phantom_plugin.megatron import get_gpt_layer_phantom_spec
+try:
+    from phantom_plugin.megatron import get_gpt_layer_phantom_spec
+except ImportError as e:   # e.g. megatron-core older than supported: megatron would swallow ImportError
+    raise RuntimeError(f"integrations.megatron_lm.phantom_spec: {e}") from e
 
 
 def _env_int(name: str, default=None) -> int:

@@ -14,9 +14,11 @@ an all-to-all switches sequence shards to hidden shards and back (1/p of the all
 fc2's bias is a shard ``[h/p]``, so it is added before the gather and ``output_bias`` is always
 ``None`` (the contract allows it; ``mlp_bda`` then adds nothing).
 
-The group is ``tp_group``, else ``pg_collection.tp``, else megatron's parallel state. Megatron's
-TransformerLayer passes ``tp_group`` only to its own ``MLP`` class (an identity check) and logs
-"Unknown MLP type" for this one; the fallback to ``parallel_state`` covers that case.
+The group is ``tp_group``, else ``pg_collection.tp``, else megatron's parallel state.
+megatron-core 0.18+'s ``TransformerLayer`` passes ``pg_collection`` (with ``name`` and
+``is_mtp_layer``) to every MLP builder. 0.16/0.17's pass ``tp_group`` only to their own ``MLP``
+class (an identity check) and log "Unknown MLP type ... Using default kwargs" once per layer for
+this one; the fallback to ``parallel_state`` covers that case (README, "Megatron-core releases").
 """
 from __future__ import annotations
 
@@ -77,9 +79,12 @@ class PhantomMLP(MegatronModule):
         ghost_dim: ``k`` ghost neurons per rank, ``1 <= k <= min(h, ffn)/p``.
         seed: initialisation seed; layer ``l``'s fc1/fc2 are seeded from ``(seed, l)`` so the
             initial weights do not depend on TP or PP sizes.
-        tp_group / pg_collection: the phantom group (see :func:`resolve_tp_group`).
+        tp_group / pg_collection: the phantom group (see :func:`resolve_tp_group`); ``tp_group``
+            wins when both are given.
         ffn_hidden_size, input_size, is_expert: as megatron's ``MLP``; experts are refused.
-        **kwargs: accepted and ignored (newer megatron passes ``is_mtp_layer``, ``name``, ...).
+        name, is_mtp_layer: what megatron-core 0.18+'s ``TransformerLayer`` passes (``name`` is
+            kept as ``self.name``; an MTP layer's MLP is an ordinary dense MLP here).
+        **kwargs: accepted and ignored, for keywords later megatron-core releases add.
 
     Parameters (all ``tensor_model_parallel``): ``linear_fc1`` and ``linear_fc2`` are
     :class:`~phantom_plugin.layers.PhantomLinear` of ``h -> fc1_out`` and ``ffn -> h``.
@@ -88,7 +93,7 @@ class PhantomMLP(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules=None, ghost_dim: Optional[int] = None,
                  is_expert: bool = False, input_size: Optional[int] = None,
                  ffn_hidden_size: Optional[int] = None, tp_group=None, pg_collection=None,
-                 seed: int = 0, **kwargs):
+                 seed: int = 0, name: Optional[str] = None, is_mtp_layer: bool = False, **kwargs):
         super().__init__(config=config)
         group = resolve_tp_group(tp_group, pg_collection)
         p = comm.group_size(group)
@@ -101,6 +106,7 @@ class PhantomMLP(MegatronModule):
         self.sequence_parallel = bool(config.sequence_parallel) and p > 1
         self.activation_func = config.activation_func
         self.layer_number = 0
+        self.name = name
         device = _param_device(config)
         # perform_initialization=False (weights come from a checkpoint) and meta-device models
         # allocate without drawing; otherwise draw once here and again only if the layer's seeds change
