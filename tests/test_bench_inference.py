@@ -73,3 +73,16 @@ def test_bench_screen_has_no_third_party_noise(tmp_path):
     assert "phantom/TP" in screen                                  # the table is still there
     for noise in ("Transformer Engine and Apex are not installed", "CUDA_DEVICE_MAX_CONNECTIONS"):
         assert noise not in screen
+
+
+def test_gpu_script_times_the_forward_only_op(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gpu_layer_check.py"), "--dry-run",
+                    "--out", str(tmp_path)], check=True, capture_output=True, timeout=180)
+    rows = json.load(open(tmp_path / "gpu_layer_check.json"))["rows"]
+    measured = [r for r in rows if "phantom" in r]
+    assert measured and all(r["forward"]["phantom_s"] > 0 and r["forward"]["tp_s"] > 0 for r in measured)
+    assert "Forward only (inference)" in open(tmp_path / "gpu_layer_check.md").read()
