@@ -176,10 +176,24 @@ def _check_sizes(plan: _Plan, p: int, k: int) -> None:
             raise ValueError(f"{where}: each of its {chunks} fused outputs ({n_out // chunks}) "
                              f"must be divisible by the phantom group size {p}; choose a size "
                              "that divides it")
-        if p > 1 and k > n_in // p:
-            raise ValueError(f"{where}: ghost_neurons={k} exceeds in_features/size = "
-                             f"{n_in}/{p} = {n_in // p}; lower ghost_neurons "
-                             "(k = in_features/size is already exact)")
+
+
+
+def _check_ghosts(plans: Sequence[_Plan], p: int, k: int) -> None:
+    """``k`` is capped at each layer's ``in_features/p``; beyond the largest it is a typo."""
+    if p == 1 or not plans:
+        return
+    n_in, where = max((_features(lin)[0], f"{plan.name}.{child}")
+                      for plan in plans for child, lin, _, _ in plan.layers)
+    if k > n_in // p:
+        raise ValueError(f"ghost_neurons={k} exceeds in_features/size of every converted layer "
+                         f"(largest: '{where}', {n_in}/{p} = {n_in // p}); lower ghost_neurons "
+                         "(k = in_features/size already makes a layer exact)")
+
+
+def _ghosts(lin: nn.Module, p: int, k: int) -> int:
+    """Ghost neurons of one layer: ``k``, capped at ``in_features/p`` (where the layer is exact)."""
+    return k if p == 1 else min(k, _features(lin)[0] // p)
 
 
 def _check_same_weights(plans: Sequence[_Plan], group, p: int) -> None:
@@ -247,6 +261,7 @@ def check_convertible(model: nn.Module, patterns: Sequence[str], *, size: int,
     plans = [_plan(name, module) for name, module in matches]
     for plan in plans:
         _check_sizes(plan, size, ghost_dim)
+    _check_ghosts(plans, size, ghost_dim)
     return [plan.name for plan in plans]
 
 
@@ -259,7 +274,9 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
         model: modified in place; call it identically on every rank of ``group``.
         patterns: regular expressions searched in dotted module names (``"mlp"`` matches
             ``layers.3.mlp``). The root module has the name ``""`` (matched by ``"^$"``).
-        ghost_dim: ``k``, ghost neurons per rank of every converted layer.
+        ghost_dim: ``k``, ghost neurons per rank of every converted layer, capped at each
+            layer's ``in_features/p`` (where it is exact): ``k = width/p`` with ``width`` the
+            MLP's widest input makes every layer exact.
         group: the phantom group (``None``: the world group, or ``p = 1`` without torch.distributed).
         init: ``"dense"`` (truncated SVD of the existing weights) or ``"random"`` (seeded).
         seed: base seed for ``init="random"`` (each layer adds a hash of its name).
@@ -286,6 +303,7 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
     plans = [_plan(name, module) for name, module in matches]
     for plan in plans:
         _check_sizes(plan, p, ghost_dim)
+    _check_ghosts(plans, p, ghost_dim)
     # --- every check passed on every rank: collectives from here on ---------------------------
     if init == "dense" and plans:
         _check_same_weights(plans, group, p)
@@ -295,7 +313,7 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
         for child, lin, scatter_in, gather_out in plan.layers:
             full = f"{plan.name}.{child}" if plan.name else child
             chunks = FUSED_CHUNKS.get(child, 1) if plan.kind == "mlp" else 1
-            phantom = _build(lin, full, ghost_dim, group, init, seed, chunks)
+            phantom = _build(lin, full, _ghosts(lin, p, ghost_dim), group, init, seed, chunks)
             if phantom.approx_error is not None:
                 errors.append(phantom.approx_error)
             phantom.requires_grad_(dense_parts(lin)[0].requires_grad)

@@ -105,7 +105,7 @@ def test_initialize_fails_before_any_process_group(tmp_path, monkeypatch):
     with pytest.raises(PhantomConfigError, match=r"target_modules: module 'norm' \(LayerNorm\).*"
                                                  r"cannot be converted.*Narrow the pattern"):
         initialize(model=nn.ModuleDict({"norm": nn.LayerNorm(8)}), config=_ds(target_modules=["norm"]))
-    with pytest.raises(PhantomConfigError, match=r"ghost_neurons=5 exceeds in_features/size = 8/2 = 4"):
+    with pytest.raises(PhantomConfigError, match=r"ghost_neurons=5 exceeds in_features/size of every converted layer .* 8/2 = 4"):
         initialize(model=m, config=_ds(target_modules=["^$"], ghost_neurons=5))
     with pytest.raises(PhantomConfigError, match="mpu must be None"):
         initialize(model=m, config=_ds(), mpu=object())
