@@ -1,17 +1,20 @@
 """Hugging Face ``Trainer`` under the real ``deepspeed`` launcher, phantom MLPs from the config alone.
 
-One launch, ``deepspeed --num_gpus 2`` on CPU, of this file as a stock ``Trainer`` script (the
-example's model, data and arguments; ``ds_configs/hf_phantom_zero2.json``: ZeRO-2, ``"auto"``
-values, HF's own AdamW with decay / no-decay groups) that does not import the plugin: the import
-hook installed with the package does the rest. The ranks record, and the test checks:
+Launches of this file, on CPU, as a stock ``Trainer`` script (the example's model, data and
+arguments; ``ds_configs/hf_phantom_zero2.json``: ZeRO-2, ``"auto"`` values) that does not import
+the plugin: the import hook installed with the package does the rest. ``deepspeed --num_gpus 2``
+(one phantom group) with HF's own AdamW (decay / no-decay groups), and ``--num_gpus 4`` (phantom
+2 x data 2) with an ``"optimizer"`` section (Trainer passes a ``DummyOptim``'s parameters). The
+ranks record, and the tests check:
 
 * the plugin was not imported by the script, yet the Llama's MLPs became phantom ones;
 * step-0 logits equal the dense model's (``ghost_neurons = width/size``: exact; fp32 rounding);
-* every forward of both ranks saw the same batch (Accelerate sharded by data-parallel rank: its
-  loader has the whole data set per rank, dp = 1), and the batches change from step to step;
+* every forward of the ranks of a phantom group saw the same batch, the data ranks different
+  ones (Accelerate shards by data-parallel rank: its loader holds 1/dp of the data set), and the
+  batches change from step to step;
 * ``train_batch_size`` = micro x accumulation x data-parallel size; the loss falls;
-* each phantom weight trained in its dense weight's optimizer group (weight decay), norms in the
-  no-decay group; a second ``deepspeed.initialize`` of the trained model converts nothing;
+* each phantom weight trained, in its dense weight's optimizer group (weight decay; norms in
+  the no-decay group); a second ``deepspeed.initialize`` of the trained model converts nothing;
 * ``export_dense`` + ``save_pretrained`` (rank 0) + ``from_pretrained`` (every rank) give
   ``nn.Linear`` MLPs whose logits equal the trained phantom model's, config untouched.
 """
@@ -36,31 +39,52 @@ pytest.importorskip("accelerate")
 
 # ============================== launcher side (pytest) ======================================
 
-def test_stock_trainer_trains_phantom_llama_and_exports_dense(tmp_path):
+def _run(tmp_path, n: int, extra: list[str]) -> list[dict]:
     from test_deepspeed_launcher import launch
-    out = launch(2, Path(__file__), ["--out", str(tmp_path)], timeout=600)
+    out = launch(n, Path(__file__), ["--out", str(tmp_path), *extra], timeout=600)
     res = []
-    for r in range(2):
+    for r in range(n):
         f = tmp_path / f"rank{r}.json"
         assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
         res.append(json.loads(f.read_text()))
+    return res
+
+
+def _common_checks(r: dict, dp: int) -> None:
+    assert r["plugin_imported_by_script"] is False
+    assert r["mlp_types"] == ["PhantomEdgeLinear"], r["mlp_types"]
+    assert r["converted"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert r["step0_err"] < 1e-5, r["step0_err"]
+    assert r["loader_len"] == r["dataset_len"] // (r["batch"] * dp)     # split over data ranks only
+    assert r["train_batch_size"] == r["batch"] * dp and r["dp"] == dp
+    assert r["losses"][-1] < r["losses"][0]
+    assert len(set(r["batches"])) > 1
+    assert r["trained_all"] is True
+    assert r["reinit_same_layers"] is True
+    assert r["export_types"] == ["Linear"]
+    assert r["export_err"] < 1e-5 and r["reload_err"] < 1e-5, (r["export_err"], r["reload_err"])
+    assert r["config_diff"] == {}, r["config_diff"]
+
+
+def test_stock_trainer_trains_phantom_llama_and_exports_dense(tmp_path):
+    """2 ranks = one phantom group; HF's AdamW built before initialize, remapped group by group."""
+    res = _run(tmp_path, 2, [])
     for r in res:
-        assert r["plugin_imported_by_script"] is False
-        assert r["mlp_types"] == ["PhantomEdgeLinear"], r["mlp_types"]
-        assert r["converted"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-        assert r["step0_err"] < 1e-5, r["step0_err"]
-        assert r["loader_len"] == r["dataset_len"] // r["batch"]       # not split over the 2 ranks
-        assert r["train_batch_size"] == r["batch"] and r["dp"] == 1
-        assert r["losses"][-1] < r["losses"][0]
-        assert len(set(r["batches"])) > 1
+        _common_checks(r, dp=1)
         assert r["decay_of"]["compressor"] == r["decay_of"]["local_weight"] == r["decay_of"]["decompressor"] == [0.01]
         assert r["decay_of"]["norm"] == [0.0]
-        assert r["trained_all"] is True
-        assert r["reinit_same_layers"] is True
-        assert r["export_types"] == ["Linear"]
-        assert r["export_err"] < 1e-5 and r["reload_err"] < 1e-5, (r["export_err"], r["reload_err"])
-        assert r["config_diff"] == {}, r["config_diff"]
     assert res[0]["batches"] == res[1]["batches"] and len(res[0]["batches"]) >= 6
+
+
+def test_trainer_phantom_2_x_data_2_with_config_optimizer(tmp_path):
+    """4 ranks, phantom 2 x data 2; an "optimizer" section ("auto" values): Trainer passes a
+    DummyOptim's parameters, remapped. Phantom ranks share batches, data ranks differ."""
+    res = _run(tmp_path, 4, ["--optimizer_section"])
+    for r in res:
+        _common_checks(r, dp=2)
+        assert r["decay_of"]["compressor"] == r["decay_of"]["norm"] == [0.01]     # one group
+    b = [r["batches"] for r in res]
+    assert b[0] == b[1] and b[2] == b[3] and b[0] != b[2]
 
 
 # ============================== rank side (under the launcher) ==============================
@@ -79,6 +103,7 @@ def _main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
+    ap.add_argument("--optimizer_section", action="store_true")
     cli = ap.parse_args()
     out: dict = {"plugin_imported_by_script": any(m == "phantom_plugin" or m.startswith("phantom_plugin.")
                                                   for m in sys.modules)}
@@ -90,7 +115,14 @@ def _main() -> None:
     import hf_trainer_phantom as ex
     torch.set_num_threads(1)
     tmp = Path(cli.out)
-    args = argparse.Namespace(deepspeed=str(CONFIG), steps=6, batch=4, lr=3e-3, log_every=1,
+    config = str(CONFIG)
+    if cli.optimizer_section:           # Trainer then builds a DummyOptim; "auto" filled by HF
+        ds = json.loads(CONFIG.read_text())
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
+                                                       "weight_decay": "auto", "torch_adam": True}}
+        config = str(tmp / f"ds_{os.environ['RANK']}.json")
+        Path(config).write_text(json.dumps(ds))
+    args = argparse.Namespace(deepspeed=config, steps=6, batch=4, lr=3e-3, log_every=1,
                               output_dir=str(tmp / "out"))
     model = ex.build_model()
     dense = copy.deepcopy(model)
