@@ -166,7 +166,7 @@ class _Loader:
             module.__spec__.loader = self._loader
         try:
             self._after(module)
-        except Exception as e:        # never break the user's import; say what to do instead
+        except (AttributeError, TypeError) as e:   # an API that moved: keep the import, say so
             warnings.warn(f"phantom_plugin: could not hook {module.__name__} ({e!r}); a "
                           f"'{SECTION}' section will not take effect unless the script calls "
                           "phantom_plugin.deepspeed.register()", RuntimeWarning, stacklevel=2)

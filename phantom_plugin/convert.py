@@ -32,11 +32,12 @@ layer of its original type (``W[i,j] = D_ij C_j``), identical on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import warnings
 import zlib
-from typing import Iterable, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -343,7 +344,7 @@ def parameter_sources(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return out
 
 
-def restore_dense(model: nn.Module) -> list[str]:
+def restore_dense(model: nn.Module, *, gather: Optional[Callable[[list], ContextManager]] = None) -> list[str]:
     """Replace every phantom layer of ``model``, in place, by its exact dense equivalent.
 
     The inverse of :func:`convert_modules`: each :class:`PhantomEdgeLinear` becomes a layer of
@@ -352,12 +353,17 @@ def restore_dense(model: nn.Module) -> list[str]:
     blocks and cast to the phantom layer's dtype, on its device, identical on every rank.
     Collective: one exact all-gather per block and layer, over each layer's phantom group, in
     module order (call on every rank). Returns the names of the replaced layers.
+
+    ``gather(params)``, if given, is a context manager in which a layer's parameters hold their
+    full local data (for an optimizer or runtime that partitions them, e.g. ZeRO-3's
+    ``GatheredParameters``); by default they are read as they are.
     """
     done = []
     for name, m in list(model.named_modules()):
         if not isinstance(m, PhantomEdgeLinear):
             continue
-        dense = m.to_dense_module()
+        with (gather(list(m.parameters())) if gather is not None else contextlib.nullcontext()):
+            dense = m.to_dense_module()
         parent_name, _, child = name.rpartition(".")
         if not name:
             raise ValueError("restore_dense: the model itself is a phantom layer; call "
