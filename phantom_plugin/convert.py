@@ -37,7 +37,7 @@ import dataclasses
 import re
 import warnings
 import zlib
-from typing import Callable, ContextManager, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -344,7 +344,7 @@ def parameter_sources(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return out
 
 
-def restore_dense(model: nn.Module, *, gather: Optional[Callable[[list], ContextManager]] = None) -> list[str]:
+def restore_dense(model: nn.Module, *, gather: Optional[Callable[[list], contextlib.AbstractContextManager]] = None) -> list[str]:
     """Replace every phantom layer of ``model``, in place, by its exact dense equivalent.
 
     The inverse of :func:`convert_modules`: each :class:`PhantomEdgeLinear` becomes a layer of

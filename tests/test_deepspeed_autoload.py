@@ -18,7 +18,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-import torch
 from torch import nn
 
 pytest.importorskip("deepspeed")
