@@ -344,7 +344,8 @@ def parameter_sources(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return out
 
 
-def restore_dense(model: nn.Module, *, gather: Optional[Callable[[list], contextlib.AbstractContextManager]] = None) -> list[str]:
+def restore_dense(model: nn.Module, *,
+                  gather: Optional[Callable[[list], contextlib.AbstractContextManager]] = None) -> list[str]:
     """Replace every phantom layer of ``model``, in place, by its exact dense equivalent.
 
     The inverse of :func:`convert_modules`: each :class:`PhantomEdgeLinear` becomes a layer of
