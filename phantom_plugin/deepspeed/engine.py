@@ -190,11 +190,11 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
     _route_collectives(cfg)
 
     # --- 3. DeepSpeed ---------------------------------------------------------------------------
-    out = _deepspeed_initialize()(args=args, model=model, optimizer=optimizer,
-                               model_parameters=model_parameters, training_data=training_data,
-                               lr_scheduler=lr_scheduler, distributed_port=distributed_port,
-                               mpu=ds_mpu, dist_init_required=dist_init_required,
-                               collate_fn=collate_fn, config=ds, mesh_param=mesh_param)
+    out = _deepspeed_initialize()(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
+        mpu=ds_mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds,
+        mesh_param=mesh_param)
     engine = out[0]
     run = PhantomRun(cfg, groups, conversions)
     _RUNS[model] = run
