@@ -31,6 +31,7 @@ def _families():
         "llama": (tf.LlamaConfig(**small, intermediate_size=W, num_key_value_heads=2), tf.LlamaForCausalLM, MLP),
         "mistral": (tf.MistralConfig(**small, intermediate_size=W, num_key_value_heads=1), tf.MistralForCausalLM, MLP),
         "qwen2": (tf.Qwen2Config(**small, intermediate_size=W, num_key_value_heads=2), tf.Qwen2ForCausalLM, MLP),
+        "qwen3": (tf.Qwen3Config(**small, intermediate_size=W, num_key_value_heads=2, head_dim=8), tf.Qwen3ForCausalLM, MLP),
         "gemma": (tf.GemmaConfig(**small, intermediate_size=W, num_key_value_heads=1, head_dim=8), tf.GemmaForCausalLM, MLP),
         "gpt2": (tf.GPT2Config(vocab_size=V, n_embd=H, n_layer=2, n_head=2, n_positions=32, n_inner=W,
                                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), tf.GPT2LMHeadModel, MLP),
@@ -115,7 +116,7 @@ def families(tmp_path_factory):
     return run_ranks(_family_rank, 2, str(tmp_path_factory.mktemp("hf")), timeout=600)
 
 
-@pytest.mark.parametrize("fam", ["llama", "mistral", "qwen2", "gemma", "gpt2", "gpt_neox", "falcon",
+@pytest.mark.parametrize("fam", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "gpt_neox", "falcon",
                                  "bloom", "phi", "phi3", "opt"])
 def test_family_converts_exactly_and_exports_back(families, fam):
     for r in families:
