@@ -103,12 +103,13 @@ print(json.dumps(res))""", flags=("-S",))
 
 
 def test_wrapper_routes_only_configs_with_the_section(tmp_path, monkeypatch):
-    """In this process (hook installed by the editable install): a bad section reaches the
+    """In this process: a bad section reaches the
     plugin's validation through plain ``deepspeed.initialize``; no section reaches DeepSpeed."""
     import deepspeed
     import torch.distributed as dist
     import phantom_plugin_autoload as hook
-    from phantom_plugin.deepspeed import PhantomConfigError
+    from phantom_plugin.deepspeed import PhantomConfigError, register
+    register()                 # what the site hook did at start (unless PHANTOM_PLUGIN_AUTOLOAD=0)
     assert getattr(deepspeed.initialize, "_phantom_plugin_wrapper", False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     model = nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8))

@@ -41,7 +41,7 @@ def launch(n: int, script: Path, args: list[str], timeout: float = 420, expect_f
     runner = Path(sys.executable).parent / "deepspeed"
     cmd = ([str(runner)] if runner.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"])
     cmd += ["--num_gpus", str(n), "--master_port", str(free_port()), str(script), *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PHANTOM_PLUGIN_AUTOLOAD="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
