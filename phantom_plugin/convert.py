@@ -49,8 +49,7 @@ from .edge import PhantomEdgeLinear, dense_parts, fused_row_order, meta_template
 from .layers import PhantomLinear
 
 __all__ = ["PhantomEdgeLinear", "Conversion", "convert_modules", "check_convertible", "find_matches",
-           "restore_dense",
-           "parameter_sources", "ELEMENTWISE", "MLP_CHILDREN", "FUSED_CHUNKS"]
+           "restore_dense", "parameter_sources", "ELEMENTWISE", "MLP_CHILDREN", "FUSED_CHUNKS"]
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout,
                nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardswish,
@@ -177,7 +176,6 @@ def _check_sizes(plan: _Plan, p: int, k: int) -> None:
             raise ValueError(f"{where}: each of its {chunks} fused outputs ({n_out // chunks}) "
                              f"must be divisible by the phantom group size {p}; choose a size "
                              "that divides it")
-
 
 
 def _check_ghosts(plans: Sequence[_Plan], p: int, k: int) -> None:
