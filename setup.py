@@ -1,4 +1,47 @@
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.develop import develop
+
+# The import hook (phantom_plugin_autoload.py, a top-level module that imports no torch) is
+# activated at interpreter start by a .pth file at the root of site-packages. setuptools has no
+# option for that: the commands below put the file at the root of the wheel (`pip install .`),
+# of the editable wheel (`pip install -e .`) and of a legacy `setup.py develop` install.
+PTH = "phantom_plugin_autoload.pth"
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class BuildPyWithPth(build_py):
+    def run(self):
+        super().run()
+        self.copy_file(os.path.join(HERE, PTH), os.path.join(self.build_lib, PTH))
+
+    def get_outputs(self, *args, **kwargs):
+        return super().get_outputs(*args, **kwargs) + [os.path.join(self.build_lib, PTH)]
+
+
+class DevelopWithPth(develop):
+    def run(self):
+        super().run()
+        self.copy_file(os.path.join(HERE, PTH), os.path.join(self.install_dir, PTH))
+
+
+CMDCLASS = {"build_py": BuildPyWithPth, "develop": DevelopWithPth}
+try:
+    from setuptools.command.editable_wheel import editable_wheel
+
+    class EditableWheelWithPth(editable_wheel):
+        def _run_build_commands(self, dist_name, unpacked_wheel, build_lib, tmp_dir):
+            out = super()._run_build_commands(dist_name, unpacked_wheel, build_lib, tmp_dir)
+            self.copy_file(os.path.join(HERE, PTH), os.path.join(unpacked_wheel, PTH))
+            return out
+
+    CMDCLASS["editable_wheel"] = EditableWheelWithPth
+except ImportError:          # setuptools < 64: `pip install -e .` runs `develop`
+    pass
+
+HF = ["transformers>=4.46", "accelerate>=1.0"]
 
 setup(
     name="phantom_plugin",
@@ -8,13 +51,16 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["phantom_plugin", "phantom_plugin.*", "integrations", "integrations.*"]),
+    py_modules=["phantom_plugin_autoload"],
+    cmdclass=CMDCLASS,
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "megatron": ["megatron-core>=0.16", "psutil"],
         "deepspeed": ["deepspeed>=0.16", "pydantic>=2"],
+        "hf": ["deepspeed>=0.16", "pydantic>=2"] + HF,
         "energy": ["nvidia-ml-py"],
         "bench": ["matplotlib"],
-        "test": ["pytest>=7", "matplotlib"],
+        "test": ["pytest>=7", "matplotlib"] + HF,
         "dev": ["pytest>=7", "matplotlib", "ruff"],
     },
     entry_points={"console_scripts": [

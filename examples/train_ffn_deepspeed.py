@@ -3,9 +3,10 @@
     deepspeed --num_gpus 2 examples/train_ffn_deepspeed.py --deepspeed --deepspeed_config ds_configs/phantom_ffn.json
 
 On a machine without GPUs DeepSpeed uses its CPU accelerator and gloo (``DS_ACCELERATOR=cpu``).
-The script is an ordinary DeepSpeed script; the only change is ``phantom_plugin.deepspeed.initialize``
-in place of ``deepspeed.initialize``, which reads the config's ``"phantom_parallel"`` section
-(without it, or with ``"enabled": false``, it is ``deepspeed.initialize``). The same script runs
+The script is an ordinary DeepSpeed script. It calls ``phantom_plugin.deepspeed.initialize``, the
+explicit form, which reads the config's ``"phantom_parallel"`` section (without it, or with
+``"enabled": false``, it is ``deepspeed.initialize``); with the plugin installed a plain
+``deepspeed.initialize`` does the same through the plugin's import hook. The same script runs
 the DeepSpeed AutoTP baseline with ``ds_configs/tp_ffn.json``.
 
 The task is regression onto a fixed random teacher network; each data-parallel rank draws its own

@@ -7,9 +7,13 @@ matched module object itself is kept, so its own ``forward``, and references to 
 (a DeepSpeed ``PipelineModule``'s layer list), keep working. Convertible modules:
 
 * ``nn.Sequential`` of ``nn.Linear`` and elementwise activations (ReLU, GELU, SiLU, Tanh, Dropout, ...);
-* MLPs with ``nn.Linear`` children ``fc1 -> fc2``, ``up_proj(, gate_proj) -> down_proj``,
-  ``dense_h_to_4h -> dense_4h_to_h`` or ``w1(, w3) -> w2``, whose forward applies only
-  elementwise operations (activation, gating product, dropout) between the two layers.
+* MLPs with linear children (``nn.Linear`` or a subclass, or Hugging Face's ``Conv1D``) in one
+  of the :data:`MLP_CHILDREN` layouts, whose forward applies only elementwise operations
+  (activation, gating product, dropout) between the two layers: ``fc1 -> fc2`` (Phi, OPT's
+  decoder layer), ``up_proj(, gate_proj) -> down_proj`` (Llama, Mistral, Qwen, Gemma),
+  ``gate_up_proj -> down_proj`` (Phi-3, fused: split by the forward's ``chunk(2)``),
+  ``dense_h_to_4h -> dense_4h_to_h`` (GPT-NeoX, Falcon, BLOOM), ``c_fc -> c_proj`` (GPT-2,
+  ``Conv1D``) or ``w1(, w3) -> w2``.
 
 A converted MLP is a drop-in (``PHANTOM_MATH.md``, "Inside a transformer MLP"): the first
 layer(s) take this rank's slice of the replicated input (``scatter_to_group``), activations stay
@@ -22,25 +26,30 @@ dense weights identical on every rank of the group; that is checked with one sma
 
 Every argument is checked before the first collective; a matched module that cannot be
 converted is an error naming it, a pattern that matches nothing a warning.
+
+:func:`restore_dense` is the inverse: every phantom layer back to the exactly equivalent dense
+layer of its original type (``W[i,j] = D_ij C_j``), identical on every rank.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import warnings
 import zlib
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import comm, ops
+from . import comm
 from .checks import resolve_group
+from .edge import PhantomEdgeLinear, dense_parts, fused_row_order, meta_template
 from .layers import PhantomLinear
 
-__all__ = ["PhantomEdgeLinear", "Conversion", "convert_modules", "find_matches", "ELEMENTWISE",
-           "MLP_CHILDREN"]
+__all__ = ["PhantomEdgeLinear", "Conversion", "convert_modules", "check_convertible", "find_matches",
+           "restore_dense", "parameter_sources", "ELEMENTWISE", "MLP_CHILDREN", "FUSED_CHUNKS"]
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout,
                nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardswish,
@@ -50,38 +59,19 @@ ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Iden
 MLP_CHILDREN: tuple[tuple[tuple[str, ...], tuple[str, ...], str], ...] = (
     (("fc1",), (), "fc2"),
     (("up_proj",), ("gate_proj",), "down_proj"),
+    (("gate_up_proj",), (), "down_proj"),
     (("dense_h_to_4h",), (), "dense_4h_to_h"),
+    (("c_fc",), (), "c_proj"),
     (("w1",), ("w3",), "w2"),
 )
 """Recognised MLP layouts: (required input layers, optional input layers, output layer)."""
 
-_EXPECTED = ("an nn.Sequential of nn.Linear and elementwise activations, or a module with nn.Linear "
-             "children fc1/fc2, up_proj/down_proj(/gate_proj), dense_h_to_4h/dense_4h_to_h or "
-             "w1/w2(/w3)")
+FUSED_CHUNKS = {"gate_up_proj": 2}
+"""Input layers whose output the MLP's forward splits with ``chunk(n, dim=-1)``."""
 
-
-class PhantomEdgeLinear(nn.Module):
-    """A :class:`PhantomLinear` with the region ops of the block edge it sits on.
-
-    ``scatter_input``: input ``[*, n_in]`` replicated -> own slice (backward: all-gather of the
-    grad). ``gather_output``: output shard ``[*, n_out/p]`` -> ``[*, n_out]`` all-gathered
-    (backward: own slice). Without either, input ``[*, n_in/p]`` and output ``[*, n_out/p]``.
-    """
-
-    def __init__(self, phantom: PhantomLinear, *, scatter_input: bool, gather_output: bool):
-        super().__init__()
-        self.phantom, self.scatter_input, self.gather_output = phantom, scatter_input, gather_output
-        self.in_features, self.out_features = phantom.in_features, phantom.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        group = self.phantom.group
-        if self.scatter_input:
-            x = ops.scatter_to_group(x, group)                            # [*, n_in/p]
-        y = self.phantom(x)                                               # [*, n_out/p]
-        return ops.gather_from_group(y, group) if self.gather_output else y
-
-    def extra_repr(self) -> str:
-        return f"scatter_input={self.scatter_input}, gather_output={self.gather_output}"
+_EXPECTED = ("an nn.Sequential of nn.Linear and elementwise activations, or a module with linear "
+             "(nn.Linear or Conv1D) children fc1/fc2, up_proj/down_proj(/gate_proj), "
+             "gate_up_proj/down_proj, dense_h_to_4h/dense_4h_to_h, c_fc/c_proj or w1/w2(/w3)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +92,13 @@ class _Plan:
     name: str
     module: nn.Module
     kind: str
-    layers: list[tuple[str, nn.Linear, bool, bool]]   # (child name, linear, scatter_in, gather_out)
+    layers: list[tuple[str, nn.Module, bool, bool]]   # (child name, linear-like, scatter_in, gather_out)
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear-like layer."""
+    w = dense_parts(layer)[0]
+    return w.shape[1], w.shape[0]
 
 
 def _plan_sequential(name: str, seq: nn.Sequential) -> _Plan:
@@ -133,17 +129,23 @@ def _plan_mlp(name: str, module: nn.Module) -> Optional[_Plan]:
             continue
         ins = list(required) + [c for c in optional if c in kids]
         for c in ins + [out]:
-            if not isinstance(kids[c], nn.Linear):
+            if dense_parts(kids[c]) is None:
                 raise ValueError(f"module '{name}' matched target_modules but its child '{c}' is "
-                                 f"{type(kids[c]).__name__}, not nn.Linear; only plain nn.Linear "
-                                 "layers are converted. Narrow the pattern")
+                                 f"{type(kids[c]).__name__}, not a linear layer (nn.Linear or "
+                                 "Conv1D); only those are converted. Narrow the pattern")
+        shape0 = _features(kids[ins[0]])
         for c in ins[1:]:
-            if (kids[c].in_features, kids[c].out_features) != (kids[ins[0]].in_features, kids[ins[0]].out_features):
+            if _features(kids[c]) != shape0:
                 raise ValueError(f"module '{name}': '{c}' and '{ins[0]}' differ in shape")
-        if kids[ins[0]].out_features != kids[out].in_features:
-            raise ValueError(f"module '{name}': '{ins[0]}' has out_features="
-                             f"{kids[ins[0]].out_features} but '{out}' has in_features="
-                             f"{kids[out].in_features}")
+        chunks = FUSED_CHUNKS.get(ins[0], 1)
+        if shape0[1] % chunks or shape0[1] // chunks != _features(kids[out])[0]:
+            raise ValueError(f"module '{name}': '{ins[0]}' has out_features={shape0[1]}"
+                             + (f" ({chunks} fused chunks)" if chunks > 1 else "")
+                             + f" but '{out}' has in_features={_features(kids[out])[0]}")
+        if getattr(module, "pretraining_tp", 1) > 1 and getattr(module, "slow_but_exact", False):
+            raise ValueError(f"module '{name}' (BLOOM) has pretraining_tp > 1 with slow_but_exact, "
+                             f"whose forward slices '{out}.weight' directly; set "
+                             "config.slow_but_exact = False (the same math) before converting")
         return _Plan(name, module, "mlp",
                      [(c, kids[c], True, False) for c in ins] + [(out, kids[out], False, True)])
     return None
@@ -163,15 +165,34 @@ def _plan(name: str, module: nn.Module) -> _Plan:
 
 def _check_sizes(plan: _Plan, p: int, k: int) -> None:
     for child, lin, _, _ in plan.layers:
-        where = f"module '{plan.name}', layer '{child}' ({lin.in_features} -> {lin.out_features})"
-        for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
+        n_in, n_out = _features(lin)
+        chunks = FUSED_CHUNKS.get(child, 1) if plan.kind == "mlp" else 1
+        where = f"module '{plan.name}', layer '{child}' ({n_in} -> {n_out})"
+        for what, n in (("in_features", n_in), ("out_features", n_out)):
             if n % p:
                 raise ValueError(f"{where}: {what}={n} is not divisible by the phantom group "
                                  f"size {p}; choose a size that divides it")
-        if p > 1 and k > lin.in_features // p:
-            raise ValueError(f"{where}: ghost_neurons={k} exceeds in_features/size = "
-                             f"{lin.in_features}/{p} = {lin.in_features // p}; lower ghost_neurons "
-                             "(k = in_features/size is already exact)")
+        if chunks > 1 and (n_out // chunks) % p:
+            raise ValueError(f"{where}: each of its {chunks} fused outputs ({n_out // chunks}) "
+                             f"must be divisible by the phantom group size {p}; choose a size "
+                             "that divides it")
+
+
+def _check_ghosts(plans: Sequence[_Plan], p: int, k: int) -> None:
+    """``k`` is capped at each layer's ``in_features/p``; beyond the largest it is a typo."""
+    if p == 1 or not plans:
+        return
+    n_in, where = max((_features(lin)[0], f"{plan.name}.{child}")
+                      for plan in plans for child, lin, _, _ in plan.layers)
+    if k > n_in // p:
+        raise ValueError(f"ghost_neurons={k} exceeds in_features/size of every converted layer "
+                         f"(largest: '{where}', {n_in}/{p} = {n_in // p}); lower ghost_neurons "
+                         "(k = in_features/size already makes a layer exact)")
+
+
+def _ghosts(lin: nn.Module, p: int, k: int) -> int:
+    """Ghost neurons of one layer: ``k``, capped at ``in_features/p`` (where the layer is exact)."""
+    return k if p == 1 else min(k, _features(lin)[0] // p)
 
 
 def _check_same_weights(plans: Sequence[_Plan], group, p: int) -> None:
@@ -181,10 +202,11 @@ def _check_same_weights(plans: Sequence[_Plan], group, p: int) -> None:
     sums = []
     for plan in plans:
         for _, lin, _, _ in plan.layers:
-            w = lin.weight.detach().to("cpu", torch.float64)
+            w = dense_parts(lin)[0].detach().to("cpu", torch.float64)
             sums += [w.sum(), w.abs().sum()]
     mine = torch.stack(sums).to(comm.collective_device(group))
-    table = comm.all_gather(mine, group, tag="setup_check").cpu()          # [p, 2 * layers]
+    # float64 bit patterns as int64: no wire dtype (comm_dtype) can round them
+    table = comm.all_gather(mine.view(torch.int64), group, tag="setup_check").view(torch.float64).cpu()
     bad = (table != table[0]).any(dim=1).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"ranks {bad} of the phantom group hold different dense weights than its "
@@ -197,13 +219,18 @@ def _seed_for(seed: int, name: str) -> int:
     return (seed + zlib.crc32(name.encode())) % (2 ** 31 - 1)
 
 
-def _build(lin: nn.Linear, full_name: str, k: int, group, init: str, seed: int) -> PhantomLinear:
+def _build(lin: nn.Module, full_name: str, k: int, group, init: str, seed: int, chunks: int) -> PhantomLinear:
+    weight, bias, _ = dense_parts(lin)
     if init == "dense":
-        return PhantomLinear.from_dense(lin.weight, lin.bias, ghost_dim=k, group=group)
+        if chunks > 1:           # phantom rows rank by rank, chunk by chunk (see phantom_plugin.edge)
+            order = fused_row_order(weight.shape[0], chunks, comm.group_size(group)).to(weight.device)
+            weight = weight.index_select(0, order)
+            bias = None if bias is None else bias.index_select(0, order)
+        return PhantomLinear.from_dense(weight, bias, ghost_dim=k, group=group)
     with torch.no_grad():
-        return PhantomLinear(lin.in_features, lin.out_features, ghost_dim=k, group=group,
-                             bias=lin.bias is not None, device=lin.weight.device,
-                             dtype=lin.weight.dtype, seed=_seed_for(seed, full_name))
+        return PhantomLinear(weight.shape[1], weight.shape[0], ghost_dim=k, group=group,
+                             bias=bias is not None, device=weight.device,
+                             dtype=weight.dtype, seed=_seed_for(seed, full_name))
 
 
 def find_matches(model: nn.Module, patterns: Iterable[str]) -> tuple[list[tuple[str, nn.Module]], list[str]]:
@@ -221,6 +248,22 @@ def find_matches(model: nn.Module, patterns: Iterable[str]) -> tuple[list[tuple[
     return hits, [p for p, _ in compiled if p not in used]
 
 
+def check_convertible(model: nn.Module, patterns: Sequence[str], *, size: int,
+                      ghost_dim: int) -> list[str]:
+    """Names :func:`convert_modules` would convert at group size ``size``; raises what it would raise.
+
+    Local: no collective, nothing modified. Adapters call it before any process group exists.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    matches, _ = find_matches(model, patterns)
+    plans = [_plan(name, module) for name, module in matches]
+    for plan in plans:
+        _check_sizes(plan, size, ghost_dim)
+    _check_ghosts(plans, size, ghost_dim)
+    return [plan.name for plan in plans]
+
+
 def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int,
                     group: Optional[dist.ProcessGroup] = None, init: str = "dense",
                     seed: int = 0, warn_unmatched: bool = True) -> list[Conversion]:
@@ -230,7 +273,9 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
         model: modified in place; call it identically on every rank of ``group``.
         patterns: regular expressions searched in dotted module names (``"mlp"`` matches
             ``layers.3.mlp``). The root module has the name ``""`` (matched by ``"^$"``).
-        ghost_dim: ``k``, ghost neurons per rank of every converted layer.
+        ghost_dim: ``k``, ghost neurons per rank of every converted layer, capped at each
+            layer's ``in_features/p`` (where it is exact): ``k = width/p`` with ``width`` the
+            MLP's widest input makes every layer exact.
         group: the phantom group (``None``: the world group, or ``p = 1`` without torch.distributed).
         init: ``"dense"`` (truncated SVD of the existing weights) or ``"random"`` (seeded).
         seed: base seed for ``init="random"`` (each layer adds a hash of its name).
@@ -257,6 +302,7 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
     plans = [_plan(name, module) for name, module in matches]
     for plan in plans:
         _check_sizes(plan, p, ghost_dim)
+    _check_ghosts(plans, p, ghost_dim)
     # --- every check passed on every rank: collectives from here on ---------------------------
     if init == "dense" and plans:
         _check_same_weights(plans, group, p)
@@ -265,12 +311,62 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
         errors = []
         for child, lin, scatter_in, gather_out in plan.layers:
             full = f"{plan.name}.{child}" if plan.name else child
-            phantom = _build(lin, full, ghost_dim, group, init, seed)
+            chunks = FUSED_CHUNKS.get(child, 1) if plan.kind == "mlp" else 1
+            phantom = _build(lin, full, _ghosts(lin, p, ghost_dim), group, init, seed, chunks)
             if phantom.approx_error is not None:
                 errors.append(phantom.approx_error)
-            phantom.requires_grad_(lin.weight.requires_grad)
-            setattr(plan.module, child, PhantomEdgeLinear(phantom, scatter_input=scatter_in,
-                                                          gather_output=gather_out))
+            phantom.requires_grad_(dense_parts(lin)[0].requires_grad)
+            setattr(plan.module, child, PhantomEdgeLinear(
+                phantom, scatter_input=scatter_in, gather_output=gather_out,
+                template=meta_template(lin), transposed=dense_parts(lin)[2], fused_chunks=chunks,
+                name=full))
         done.append(Conversion(plan.name, plan.kind, tuple(c for c, *_ in plan.layers),
                                max(errors) if errors else None))
+    return done
+
+
+def parameter_sources(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """For each dense parameter name a conversion replaced, the phantom parameters that replaced it.
+
+    ``"<layer>.weight"`` -> ``[local_weight, compressor, decompressor]`` (the last two only at
+    ``p > 1``), ``"<layer>.bias"`` -> ``[bias]``; names are relative to ``model``. Used to put
+    each new parameter in its old one's optimizer group.
+    """
+    out: dict[str, list[nn.Parameter]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PhantomEdgeLinear):
+            ph, pre = m.phantom, f"{name}." if name else ""
+            out[pre + "weight"] = [t for t in (ph.local_weight, ph.compressor, ph.decompressor) if t is not None]
+            if ph.bias is not None:
+                out[pre + "bias"] = [ph.bias]
+    return out
+
+
+def restore_dense(model: nn.Module, *,
+                  gather: Optional[Callable[[list], contextlib.AbstractContextManager]] = None) -> list[str]:
+    """Replace every phantom layer of ``model``, in place, by its exact dense equivalent.
+
+    The inverse of :func:`convert_modules`: each :class:`PhantomEdgeLinear` becomes a layer of
+    the type it replaced (``nn.Linear``, ``Conv1D``, ...; fused layers back in their original
+    row order) with ``W[i,i] = L_i``, ``W[i,j] = D_ij C_j`` computed in float64 from every rank's
+    blocks and cast to the phantom layer's dtype, on its device, identical on every rank.
+    Collective: one exact all-gather per block and layer, over each layer's phantom group, in
+    module order (call on every rank). Returns the names of the replaced layers.
+
+    ``gather(params)``, if given, is a context manager in which a layer's parameters hold their
+    full local data (for an optimizer or runtime that partitions them, e.g. ZeRO-3's
+    ``GatheredParameters``); by default they are read as they are.
+    """
+    done = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, PhantomEdgeLinear):
+            continue
+        with (gather(list(m.parameters())) if gather is not None else contextlib.nullcontext()):
+            dense = m.to_dense_module()
+        parent_name, _, child = name.rpartition(".")
+        if not name:
+            raise ValueError("restore_dense: the model itself is a phantom layer; call "
+                             "to_dense_module() on it instead")
+        setattr(model.get_submodule(parent_name), child, dense)
+        done.append(name)
     return done

@@ -213,8 +213,11 @@ def test_bad_sizes_name_the_layer_and_the_fix():
     plan = _plan("mlp", FcMLP(6, 12))
     with pytest.raises(ValueError, match=r"layer 'fc1' \(6 -> 12\): in_features=6 is not divisible by .* 4"):
         _check_sizes(plan, 4, 1)
-    with pytest.raises(ValueError, match=r"ghost_neurons=4 exceeds in_features/size = 6/2 = 3"):
-        _check_sizes(plan, 2, 4)
+    from phantom_plugin.convert import check_convertible
+    with pytest.raises(ValueError, match=r"ghost_neurons=7 exceeds in_features/size of every converted "
+                                         r"layer \(largest: '<root>.fc2', 12/2 = 6\)"):
+        check_convertible(FcMLP(6, 12), ["^$"], size=2, ghost_dim=7)
+    assert check_convertible(FcMLP(6, 12), ["^$"], size=2, ghost_dim=6) == ["<root>"]   # fc1 capped at 3
     with pytest.raises(ValueError, match="init must be"):
         convert_modules(FcMLP(4, 4), ["^$"], ghost_dim=1, init="svd")
     with pytest.raises(ValueError, match="not a valid regular expression"):

@@ -95,8 +95,18 @@ def test_initialize_fails_before_any_process_group(tmp_path, monkeypatch):
         initialize(model=_mlp(), config=_ds(size=-1))
     monkeypatch.setenv("WORLD_SIZE", "2")
     m = _mlp()
-    with pytest.raises(PhantomConfigError, match="optimizer instance"):
-        initialize(model=m, config=_ds(), optimizer=torch.optim.SGD(m.parameters(), lr=0.1))
+    stepped = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    m(torch.randn(2, 8)).sum().backward()
+    stepped.step()
+    with pytest.raises(PhantomConfigError, match="optimizer passed in already has state"):
+        initialize(model=m, config=_ds(), optimizer=stepped)
+    with pytest.raises(PhantomConfigError, match=r'matches no module of Sequential.*\["mlp"\] for Llama'):
+        initialize(model=m, config=_ds(target_modules=["attention"]))
+    with pytest.raises(PhantomConfigError, match=r"target_modules: module 'norm' \(LayerNorm\).*"
+                                                 r"cannot be converted.*Narrow the pattern"):
+        initialize(model=nn.ModuleDict({"norm": nn.LayerNorm(8)}), config=_ds(target_modules=["norm"]))
+    with pytest.raises(PhantomConfigError, match=r"ghost_neurons=5 exceeds in_features/size of every converted layer .* 8/2 = 4"):
+        initialize(model=m, config=_ds(target_modules=["^$"], ghost_neurons=5))
     with pytest.raises(PhantomConfigError, match="mpu must be None"):
         initialize(model=m, config=_ds(), mpu=object())
     with pytest.raises(ValueError, match="both in args.deepspeed_config and as config="):
@@ -119,19 +129,26 @@ def test_bad_config_under_launcher_exits_fast(tmp_path):
 
 
 def test_model_parameters_built_before_conversion_are_remapped():
-    """A list (or param groups) taken from the dense model must name the phantom parameters."""
+    """A list, param groups or an optimizer taken from the dense model must name the phantom
+    parameters, each new weight in its old weight's group and each new bias in its old bias's."""
     from phantom_plugin.convert import convert_modules
-    from phantom_plugin.deepspeed.engine import _remap_parameters
+    from phantom_plugin.deepspeed.remap import remap_optimizer, remap_parameters
     model = nn.Sequential(nn.LayerNorm(8), nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 8)))
     before = {id(p): n for n, p in model.named_parameters()}
     flat = list(model.parameters())
-    groups = [{"params": [model[0].weight, model[1][0].weight], "lr": 0.1},
-              {"params": [model[1][2].weight, model[1][2].bias, model[0].bias], "lr": 0.2}]
+    groups = [{"params": [model[0].weight, model[1][0].weight, model[1][2].weight], "lr": 0.1},
+              {"params": [model[1][2].bias, model[0].bias, model[1][0].bias], "lr": 0.2, "weight_decay": 0}]
+    opt = torch.optim.AdamW([{**g, "params": list(g["params"])} for g in groups])
     convert_modules(model, [r"^1$"], ghost_dim=1)
     now = list(model.parameters())
-    assert [id(p) for p in _remap_parameters(flat, model, before)] == [id(p) for p in now]
-    g0, g1 = _remap_parameters(groups, model, before)
-    assert g0["lr"] == 0.1 and [id(p) for p in g0["params"]] == [id(model[0].weight)] + [
-        id(p) for p in model[1][0].parameters()]
-    assert [id(p) for p in g1["params"]] == [id(p) for p in model[1][2].parameters()] + [id(model[0].bias)]
-    assert _remap_parameters(None, model, before) is None
+    fc1, fc2 = model[1][0].phantom, model[1][2].phantom
+    assert [id(p) for p in remap_parameters(flat, model, before)] == [id(p) for p in now]
+    g0, g1 = remap_parameters(groups, model, before)
+    want0 = [model[0].weight, fc1.local_weight, fc2.local_weight]          # p = 1: no C, D
+    want1 = [fc2.bias, model[0].bias, fc1.bias]
+    assert g0["lr"] == 0.1 and [id(p) for p in g0["params"]] == [id(p) for p in want0]
+    assert g1["weight_decay"] == 0 and [id(p) for p in g1["params"]] == [id(p) for p in want1]
+    assert remap_parameters(None, model, before) is None
+    remap_optimizer(opt, model, before)
+    assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in want0],
+                                                                        [id(p) for p in want1]]

@@ -41,7 +41,7 @@ def launch(n: int, script: Path, args: list[str], timeout: float = 420, expect_f
     runner = Path(sys.executable).parent / "deepspeed"
     cmd = ([str(runner)] if runner.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"])
     cmd += ["--num_gpus", str(n), "--master_port", str(free_port()), str(script), *args]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PHANTOM_PLUGIN_AUTOLOAD="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
@@ -117,6 +117,17 @@ def test_pipe_x_model(tmp_path):
         assert _close(r["losses"], r["ref_losses"], 1e-4), (r["losses"], r["ref_losses"])
         assert r["losses"][-1] < 0.8 * r["losses"][0]
     assert sorted(r["converted"] for r in res) == [["1.mlp"]] * 2 + [["2.mlp"]] * 2
+
+
+def test_flag_alone_in_a_plain_deepspeed_script(tmp_path):
+    """``deepspeed.initialize`` itself (the import hook) applies the section; ranks of one phantom
+    group fed different batches (sharded by global rank) both raise, naming the layer and the fix."""
+    res = run_case("flag", 2, tmp_path)
+    for r in res:
+        assert r["plugin_imported_before"] is False and r["converted"] == ["blocks.0.mlp", "blocks.1.mlp"]
+        assert abs(r["loss0"] - r["dense_loss0"]) < 1e-6 * r["dense_loss0"]
+        assert "phantom layer 'blocks.0.mlp.fc1': its input differs across the ranks" in r["mismatch"], r["mismatch"]
+        assert "shard data by data-parallel rank" in r["mismatch"]
 
 
 def test_example_ffn_script_trains(tmp_path):
@@ -334,6 +345,27 @@ def _case_zero(out: dict, tmp: Path) -> None:
     out["data_ranks"] = list(engine.phantom.groups.data_ranks)
 
 
+def _case_flag(out: dict, tmp: Path) -> None:
+    import torch
+    import deepspeed
+    Net, _ = _nets()
+    out["converted"] = []
+    model = Net()
+    engine, *_ = deepspeed.initialize(model=model, config=_config(), model_parameters=model.parameters())
+    out["converted"] = [c.name for c in engine.phantom.conversions]
+    x, y = _batch(0, 0)
+    out["loss0"] = float(torch.nn.functional.mse_loss(engine(x), y))
+    out["dense_loss0"] = _reference(Net(), 1, 1)[0][0][0]
+    model = Net()
+    engine, *_ = deepspeed.initialize(model=model, config=_config(), model_parameters=model.parameters())
+    x, y = _batch(0, torch.distributed.get_rank())          # a loader sharded by global rank
+    try:
+        engine(x)
+        out["mismatch"] = "no error"
+    except RuntimeError as e:
+        out["mismatch"] = str(e)
+
+
 def _case_pipe(out: dict, tmp: Path) -> None:
     import torch
     from deepspeed.pipe import PipelineModule
@@ -366,12 +398,14 @@ def _main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
+    plugin_imported_before = any(m == "phantom_plugin" or m.startswith("phantom_plugin.") for m in sys.modules)
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)
     out: dict = {}
     tmp = Path(args.out)
-    {"two": _case_two, "zero": _case_zero, "pipe": _case_pipe}[args.case](out, tmp)
+    out["plugin_imported_before"] = plugin_imported_before
+    {"two": _case_two, "zero": _case_zero, "pipe": _case_pipe, "flag": _case_flag}[args.case](out, tmp)
     out["rank"] = dist.get_rank()
     (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
 

@@ -1,17 +1,45 @@
 """DeepSpeed adapter: a ``"phantom_parallel"`` section in the JSON config, under the ``deepspeed`` launcher.
 
+With the plugin installed the section alone is enough: the import hook installed with the
+package (:mod:`phantom_plugin_autoload`) routes every ``deepspeed.initialize`` call whose config
+has it here, Hugging Face ``Trainer`` and Accelerate included. The explicit form:
+
     from phantom_plugin.deepspeed import initialize       # instead of deepspeed.initialize
     engine, optimizer, _, _ = initialize(args=args, model=model, model_parameters=model.parameters())
 
 Modules: :mod:`.config` (the validated section), :mod:`.groups` (phantom x data groups, ``mpu``),
-:mod:`.engine` (``initialize``), :mod:`.pipe` (``PipelineModule`` topology and boundary guard),
-:mod:`.routing` (collectives through ``deepspeed.comm``), :mod:`.monitor` (monitor events).
-Importing this package imports deepspeed; the core package never does.
+:mod:`.engine` (``initialize``), :mod:`.remap` (optimizers built before conversion),
+:mod:`.export` (``export_dense``), :mod:`.hf` (Accelerate's data sharding), :mod:`.pipe`
+(``PipelineModule`` topology and boundary guard), :mod:`.routing` (collectives through
+``deepspeed.comm``), :mod:`.monitor` (monitor events). Importing this package imports deepspeed;
+the core package never does.
 """
+import deepspeed as _deepspeed
+
 from .config import PhantomConfigError, PhantomParallelConfig, load_section
 from .engine import PhantomRun, initialize
+from .export import export_dense
 from .groups import PhantomMPU, build_groups
 from .pipe import phantom_topology
 
-__all__ = ["initialize", "PhantomParallelConfig", "PhantomConfigError", "load_section", "PhantomRun",
-           "PhantomMPU", "build_groups", "phantom_topology"]
+__all__ = ["initialize", "register", "unregister", "export_dense", "PhantomParallelConfig",
+           "PhantomConfigError", "load_section", "PhantomRun", "PhantomMPU", "build_groups",
+           "phantom_topology"]
+
+
+def register() -> None:
+    """Make the ``phantom_parallel`` section take effect in this process without the site hook.
+
+    Wraps ``deepspeed.initialize`` (and ``Accelerator._prepare_deepspeed`` once accelerate is
+    imported) as the import hook does, whatever ``PHANTOM_PLUGIN_AUTOLOAD`` says; idempotent.
+    Call it before the program calls ``deepspeed.initialize`` / builds its data loaders.
+    """
+    import phantom_plugin_autoload
+    phantom_plugin_autoload.install_hook(force=True)
+    phantom_plugin_autoload.patch_deepspeed(_deepspeed)
+
+
+def unregister() -> None:
+    """Undo :func:`register` and the import hook: ``deepspeed.initialize`` is DeepSpeed's own again."""
+    import phantom_plugin_autoload
+    phantom_plugin_autoload.remove_hook()

@@ -25,7 +25,8 @@ SECTION = "phantom_parallel"
 _HELP = {
     "enabled": "use true or false (false, or no section, leaves DeepSpeed untouched)",
     "size": "use an integer >= 1 that divides the number of ranks (ranks per phantom group)",
-    "ghost_neurons": "use an integer k with 1 <= k <= in_features/size (ghost neurons per rank and layer)",
+    "ghost_neurons": ("use an integer k >= 1 (ghost neurons per rank and layer, capped at each "
+                      "layer's in_features/size, where the layer is exact)"),
     "target_modules": "use a non-empty list of regular expressions over module names, e.g. [\"mlp\"]",
     "init_from_dense": "use true (truncated SVD of the dense weights) or false (fresh seeded weights)",
     "seed": "use an integer (seed of fresh phantom weights when init_from_dense is false)",

@@ -1,6 +1,9 @@
 """``initialize``: ``deepspeed.initialize`` with the config's ``phantom_parallel`` section applied.
 
-Order of work (each step only after the previous succeeded on this rank):
+With the plugin installed this runs for every ``deepspeed.initialize`` call whose config has the
+section (the import hook, :mod:`phantom_plugin_autoload`), Hugging Face ``Trainer`` and
+Accelerate included; calling it directly is the explicit form. Order of work (each step only
+after the previous succeeded on this rank):
 
 1. read the DeepSpeed config (``config`` / ``config_params`` / ``args.deepspeed_config``) and
    validate the section and its interplay with the world size and other sections -- no process
@@ -9,17 +12,22 @@ Order of work (each step only after the previous succeeded on this rank):
 3. ``deepspeed.init_distributed``; build the phantom and data groups and a :class:`PhantomMPU`
    (or, for a ``PipelineModule``, take them from its topology and switch off partitioned
    stage-boundary activations);
-4. route the plugin's collectives through ``deepspeed.comm`` (for the rest of the process);
-5. convert the matching modules (:func:`phantom_plugin.convert.convert_modules`) -- before the
-   optimizer exists, and remap ``model_parameters`` to the converted parameters;
-6. ``deepspeed.initialize(..., mpu=...)``; attach ``engine.phantom`` (a :class:`PhantomRun`) and,
-   with ``log_interval > 0``, the monitor :class:`StepLogger`.
+4. convert the matching modules (:func:`phantom_plugin.convert.convert_modules`), and remap
+   ``model_parameters`` and a ready (state-free) optimizer to the converted parameters, each new
+   parameter in its old one's group (:mod:`.remap`). A model converted by an earlier call (an
+   evaluation or batch-size retry of ``Trainer``) is not converted again: its groups are reused;
+5. route the plugin's collectives through ``deepspeed.comm`` (for the rest of the process);
+6. fit ``train_batch_size`` to the data-parallel size when it was computed from the whole world
+   (Hugging Face's ``micro x accumulation x world``), then ``deepspeed.initialize(..., mpu=...)``;
+   attach ``engine.phantom`` (a :class:`PhantomRun`) and, with ``log_interval > 0``, the monitor
+   :class:`StepLogger`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
+import weakref
 from typing import Any, Optional
 
 import deepspeed
@@ -27,18 +35,21 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from torch import nn
 
 from .. import comm
-from ..convert import Conversion, convert_modules
+from ..convert import Conversion, PhantomEdgeLinear, check_convertible, convert_modules
 from .config import PhantomConfigError, PhantomParallelConfig, check_run, load_ds_config, load_section
 from .config import world_size_from_env
 from .groups import PhantomGroups, PhantomMPU, build_groups
 from .monitor import StepLogger
 from .pipe import count_replicated_once, guard_partitioning, pipeline_groups
+from .remap import check_optimizer_fresh, remap_optimizer, remap_parameters
 from .routing import COMM_DTYPES, DeepSpeedRoute
 
 __all__ = ["initialize", "PhantomRun"]
 
 log = logging.getLogger("phantom_plugin.deepspeed")
 _ROUTE = None   # the use_backend context kept open for the process
+_RUNS: "weakref.WeakKeyDictionary[nn.Module, PhantomRun]" = weakref.WeakKeyDictionary()
+"""Models this process converted, with what was done: a second ``initialize`` reuses it."""
 
 
 @dataclasses.dataclass
@@ -77,32 +88,48 @@ def _resolve_config(args, config, config_params):
 
 
 def _remap_parameters(model_parameters, model: nn.Module, before: dict[int, str]):
-    """Replace parameters of converted layers in a user list by the parameters that replaced them."""
-    if model_parameters is None:
-        return None
-    items = list(model_parameters)
-    now = {id(p) for p in model.parameters()}
-    new_by_module: dict[str, list] = {}
-    for name, p in model.named_parameters():
-        new_by_module.setdefault(name.rsplit(".", 1)[0], []).append(p)
+    """Kept for callers of the old name; see :func:`.remap.remap_parameters`."""
+    return remap_parameters(model_parameters, model, before)
 
-    def remap(params):
-        out, seen = [], set()
-        for p in params:
-            if id(p) in now or id(p) not in before:
-                cand = [p]
-            else:    # a dense weight/bias that was converted: its layer's new parameters
-                prefix = before[id(p)].rsplit(".", 1)[0]
-                cand = [q for n, qs in new_by_module.items() if n.startswith(prefix + ".") for q in qs]
-            for q in cand:
-                if id(q) not in seen:
-                    seen.add(id(q))
-                    out.append(q)
-        return out
 
-    if items and isinstance(items[0], dict):
-        return [{**g, "params": remap(g["params"])} for g in items]
-    return remap(items)
+def _deepspeed_initialize():
+    """The real ``deepspeed.initialize``, without the plugin's import-hook wrapper around it."""
+    fn = deepspeed.initialize
+    while getattr(fn, "_phantom_plugin_wrapper", False):
+        fn = fn.__wrapped__
+    return fn
+
+
+def _fit_train_batch(ds: dict, world: int, size: int) -> None:
+    """``train_batch_size = micro x accumulation x world`` -> ``... x data-parallel size`` (in place).
+
+    With an ``mpu`` DeepSpeed requires ``train_batch_size == micro x accumulation x dp size``;
+    Hugging Face fills it with the whole world size, too large by the phantom size.
+    """
+    tb, mb = ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu")
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if size > 1 and all(isinstance(v, int) for v in (tb, mb, gas)) and tb == mb * gas * world:
+        ds["train_batch_size"] = mb * gas * (world // size)
+        log.info("phantom_parallel: train_batch_size %d -> %d (micro %d x accumulation %d x "
+                 "data-parallel %d)", tb, ds["train_batch_size"], mb, gas, world // size)
+
+
+def _previous_run(model: nn.Module, cfg: PhantomParallelConfig) -> Optional["PhantomRun"]:
+    """What an earlier ``initialize`` did to ``model``, or ``None`` if it is unconverted."""
+    run = _RUNS.get(model)
+    if run is not None:
+        if run.config != cfg:
+            raise PhantomConfigError(
+                "initialize: this model was already converted with a different phantom_parallel "
+                f"section ({run.config.model_dump()}); call initialize again with the same section, "
+                "or build a fresh model")
+        return run
+    if any(isinstance(m, PhantomEdgeLinear) for m in model.modules()):
+        raise PhantomConfigError(
+            "initialize: the model already holds phantom layers converted outside this process's "
+            "initialize (a copy of a converted model?); pass the dense model, or the converted "
+            "model itself")
+    return None
 
 
 def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_parameters=None,
@@ -119,7 +146,7 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
     ds, args = _resolve_config(args, config, config_params)
     cfg = load_section(ds)
     if cfg is None or not cfg.enabled:
-        return deepspeed.initialize(**passthrough)
+        return _deepspeed_initialize()(**passthrough)
 
     # --- 1. every check that needs no process group ------------------------------------------
     if model is None:
@@ -129,41 +156,48 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         raise PhantomConfigError("initialize: mpu must be None with phantom_parallel; the plugin "
                                  "builds the phantom and data-parallel groups itself")
     if optimizer is not None and not callable(optimizer):
-        raise PhantomConfigError(
-            "initialize: an optimizer instance was built on the dense parameters, which conversion "
-            "replaces; pass the optimizer in the config's \"optimizer\" section or as a callable "
-            "(lambda params: torch.optim.AdamW(params, ...))")
+        check_optimizer_fresh(optimizer)
     stages = model.num_stages if pipeline else 1
-    check_run(cfg, ds, world_size_from_env(), pipeline=pipeline, pipe_stages=stages)
+    world = world_size_from_env()
+    check_run(cfg, ds, world, pipeline=pipeline, pipe_stages=stages)
     if pipeline:
         ds = guard_partitioning(ds)
+    else:
+        _fit_train_batch(ds, world, cfg.size)
+    previous = _previous_run(model, cfg)
+    if previous is None:
+        _check_convertible(model, cfg, pipeline)
     before = {id(p): n for n, p in model.named_parameters()}
 
-    # --- 2. groups, routing, conversion -------------------------------------------------------
+    # --- 2. groups, conversion, routing -------------------------------------------------------
     deepspeed.init_distributed(distributed_port=distributed_port,
                                dist_init_required=dist_init_required)
-    if pipeline:
-        groups, ds_mpu = pipeline_groups(model, cfg.size), None
+    if previous is not None:
+        groups, conversions = previous.groups, previous.conversions
+    elif pipeline:
+        groups = pipeline_groups(model, cfg.size)
     else:
         groups = build_groups(cfg.size)
-        ds_mpu = PhantomMPU(groups)
+    ds_mpu = None if pipeline else PhantomMPU(groups)
+    if previous is None:
+        _leave_route()       # conversion's exchanges in full precision, whatever comm_dtype says
+        conversions = _convert(model, cfg, groups, pipeline)
+        model_parameters = remap_parameters(model_parameters, model, before)
+        if optimizer is not None and not callable(optimizer):
+            remap_optimizer(optimizer, model, before)
+        if pipeline:
+            count_replicated_once(model)
     _route_collectives(cfg)
-    conversions = convert_modules(model, cfg.target_modules, ghost_dim=cfg.ghost_neurons,
-                                  group=groups.phantom,
-                                  init="dense" if cfg.init_from_dense else "random", seed=cfg.seed,
-                                  warn_unmatched=not pipeline)
-    model_parameters = _remap_parameters(model_parameters, model, before)
-    if pipeline:
-        count_replicated_once(model)
 
     # --- 3. DeepSpeed ---------------------------------------------------------------------------
-    out = deepspeed.initialize(args=args, model=model, optimizer=optimizer,
-                               model_parameters=model_parameters, training_data=training_data,
-                               lr_scheduler=lr_scheduler, distributed_port=distributed_port,
-                               mpu=ds_mpu, dist_init_required=dist_init_required,
-                               collate_fn=collate_fn, config=ds, mesh_param=mesh_param)
+    out = _deepspeed_initialize()(
+        args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+        training_data=training_data, lr_scheduler=lr_scheduler, distributed_port=distributed_port,
+        mpu=ds_mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds,
+        mesh_param=mesh_param)
     engine = out[0]
     run = PhantomRun(cfg, groups, conversions)
+    _RUNS[model] = run
     if cfg.log_interval > 0:
         run.logger = StepLogger(engine, cfg.log_interval)
     engine.phantom = run
@@ -173,11 +207,44 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
     return out
 
 
-def _route_collectives(cfg: PhantomParallelConfig) -> None:
-    """Send every plugin collective through ``deepspeed.comm`` from now on."""
+def _convert(model: nn.Module, cfg: PhantomParallelConfig, groups: PhantomGroups,
+             pipeline: bool) -> list[Conversion]:
+    return convert_modules(model, cfg.target_modules, ghost_dim=cfg.ghost_neurons,
+                           group=groups.phantom, init="dense" if cfg.init_from_dense else "random",
+                           seed=cfg.seed, warn_unmatched=not pipeline)
+
+
+def _check_convertible(model: nn.Module, cfg: PhantomParallelConfig, pipeline: bool) -> None:
+    """Every layout and size error, and "nothing matched", before any process group exists."""
+    try:
+        names = check_convertible(model, cfg.target_modules, size=cfg.size, ghost_dim=cfg.ghost_neurons)
+    except ValueError as e:
+        raise PhantomConfigError(f"phantom_parallel.target_modules: {e}") from None
+    if not names and not pipeline:
+        raise PhantomConfigError(
+            f"phantom_parallel.target_modules: {cfg.target_modules} matches no module of "
+            f"{type(model).__name__}, so nothing would be phantom-parallel; name its MLP modules "
+            r'(e.g. ["mlp"] for Llama, Mistral, Qwen, Gemma, GPT-2, GPT-NeoX, Falcon, BLOOM, Phi; '
+            r'["decoder\\.layers\\.\\d+$"] for OPT; list them with [n for n, _ in '
+            'model.named_modules()]) or set "enabled": false')
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the record of ``model``'s conversion (after :func:`export_dense` made it dense)."""
+    _RUNS.pop(model, None)
+
+
+def _leave_route() -> None:
     global _ROUTE
     if _ROUTE is not None:
         _ROUTE.__exit__(None, None, None)
+        _ROUTE = None
+
+
+def _route_collectives(cfg: PhantomParallelConfig) -> None:
+    """Send every plugin collective through ``deepspeed.comm`` from now on."""
+    global _ROUTE
+    _leave_route()
     wire = None if cfg.comm_dtype is None else COMM_DTYPES[cfg.comm_dtype]
     _ROUTE = comm.use_backend(DeepSpeedRoute(deepspeed.comm, wire))
     _ROUTE.__enter__()

@@ -1,0 +1,34 @@
+"""``export_dense(engine)``: the trained phantom model as a plain dense model, on every rank.
+
+Every phantom layer is replaced, in place, by the exactly equivalent dense layer of its original
+type (:func:`phantom_plugin.convert.restore_dense`: ``W[i,j] = D_ij C_j`` in float64, cast to the
+layer's dtype), identical on every rank, so a Hugging Face model can then be written with
+``model.save_pretrained(dir)`` on rank 0 and reloaded with ``from_pretrained`` (its config is
+untouched). Under ZeRO 0-2 each rank holds the full, current module parameters, which is all
+the export reads.
+
+Call it on every rank once training is over: the engine's optimizer still points at the phantom
+parameters, so the engine cannot train the exported model.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..convert import restore_dense
+from .engine import forget
+
+__all__ = ["export_dense"]
+
+
+def export_dense(engine) -> nn.Module:
+    """The engine's model with every phantom layer replaced by its dense equivalent (collective)."""
+    model = getattr(engine, "module", engine)
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    if stage == 3:
+        raise NotImplementedError("export_dense: ZeRO-3 partitioned parameters are not gathered yet; "
+                                  "use ZeRO 0-2")
+    restore_dense(model)
+    forget(model)
+    if hasattr(engine, "phantom"):
+        del engine.phantom
+    return model
