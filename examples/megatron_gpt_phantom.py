@@ -106,7 +106,9 @@ def run(args, phantom: bool, train, evals, device) -> dict:
     from phantom_plugin import COUNTER, comm
     model = build(args, phantom, device)
     from phantom_plugin import param_groups
-    opt = torch.optim.AdamW(param_groups(model, args.lr, weight_decay=0.0), lr=args.lr)
+    mult = None if args.factor_lr_mult is None else {"compressor": args.factor_lr_mult,
+                                                      "decompressor": args.factor_lr_mult}
+    opt = torch.optim.AdamW(param_groups(model, args.lr, weight_decay=0.0, multipliers=mult), lr=args.lr)
     pos = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
     losses, timed, t0 = [], 0, None
     COUNTER.reset()
@@ -175,6 +177,8 @@ def main() -> None:
     ap.add_argument("--ghost-dim", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--factor-lr-mult", type=float, default=None,
+                    help="lr multiplier of compressors and decompressors (default: param_groups' k-aware rule)")
     ap.add_argument("--generate", type=int, default=0, metavar="N",
                     help="after training, continue a held-out prompt by N greedy tokens (phantom and dense)")
     args = ap.parse_args()
