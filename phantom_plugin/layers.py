@@ -102,9 +102,9 @@ class PhantomLinear(nn.Module):
         """
         lw, cw = self.local_weight, self.compressor
         mo, mi, k = self.out_features // self.world, self.in_features // self.world, self.ghost_dim
-        if (cw is None or lw.is_meta or hasattr(lw, "ds_id") or hasattr(cw, "ds_id")
-                or lw.shape != (mo, mi) or cw.shape != (k, mi) or lw.dtype != cw.dtype
-                or lw.device != cw.device or ops.stacked_weights(lw, cw) is not None):
+        if (cw is None or lw.is_meta or hasattr(lw, "ds_id") or hasattr(cw, "ds_id") or lw.shape != (mo, mi)
+                or cw.shape != (k, mi) or lw.dtype != cw.dtype or lw.device != cw.device
+                or ops.stacked_weights(lw, cw) is not None):
             return
         buf = torch.empty(mo + k, mi, dtype=lw.dtype, device=lw.device)
         buf[:mo].copy_(lw)
