@@ -5,9 +5,7 @@ Rank ``i`` of a group of ``p`` holds ``L_i [n_out/p, n_in/p]`` (``local_weight``
 ``b_i [n_out/p]`` (``bias``). All of them differ across ranks and are tagged
 ``tensor_model_parallel=True`` (with ``partition_dim``/``partition_stride``) so Megatron's and
 DeepSpeed's grad-norm code counts them on every rank. At ``p = 1`` only ``local_weight`` and
-``bias`` exist and the layer is a plain dense one. ``local_weight`` and ``compressor`` are
-allocated as the two row blocks of one ``[n_out/p + k, n_in/p]`` buffer (still two parameters of
-their own names and shapes) so the op's CPU path can run ``x [L; C]^T`` as one GEMM.
+``bias`` exist and the layer is a plain dense one.
 """
 from __future__ import annotations
 
@@ -76,7 +74,6 @@ class PhantomLinear(nn.Module):
         self.local_weight = mark_tensor_parallel(nn.Parameter(torch.empty(mo, mi, **kw)))
         if p > 1:
             self.compressor = mark_tensor_parallel(nn.Parameter(torch.empty(ghost_dim, mi, **kw)))
-            self._stack_local_and_compressor()
             self.decompressor = mark_tensor_parallel(nn.Parameter(torch.empty(mo, (p - 1) * ghost_dim, **kw)))
         else:
             self.register_parameter("compressor", None)
@@ -92,25 +89,6 @@ class PhantomLinear(nn.Module):
         for param in self.parameters(recurse=False):
             mark_tensor_parallel(param)
 
-    @torch.no_grad()
-    def _stack_local_and_compressor(self) -> None:
-        """Make ``local_weight`` and ``compressor`` the two row blocks of one ``[n_out/p + k, n_in/p]``
-        buffer (values kept), so the op's CPU path runs ``x [L; C]^T`` as one GEMM. They stay two
-        parameters of their own shapes. Done at construction and in :meth:`reset_parameters`;
-        ``.to()`` and friends give each its own storage again (the op then runs two GEMMs).
-        Skipped for parameters another framework has taken over (DeepSpeed ZeRO-3's ``ds_id``).
-        """
-        lw, cw = self.local_weight, self.compressor
-        mo, mi, k = self.out_features // self.world, self.in_features // self.world, self.ghost_dim
-        if (cw is None or lw.is_meta or hasattr(lw, "ds_id") or hasattr(cw, "ds_id") or lw.shape != (mo, mi)
-                or cw.shape != (k, mi) or lw.dtype != cw.dtype or lw.device != cw.device
-                or ops.stacked_weights(lw, cw) is not None):
-            return
-        buf = torch.empty(mo + k, mi, dtype=lw.dtype, device=lw.device)
-        buf[:mo].copy_(lw)
-        buf[mo:].copy_(cw)
-        lw.data, cw.data = buf[:mo], buf[mo:]
-
     def reset_parameters(self) -> None:
         """Fill every block from :attr:`seed` (identical to :func:`init.master_blocks` slices).
 
@@ -122,7 +100,6 @@ class PhantomLinear(nn.Module):
         self._tag()
         if self.local_weight.is_meta:
             return
-        self._stack_local_and_compressor()
         with torch.no_grad():
             self.local_weight.copy_(init.local_block(s, n_in, n_out, p, r))
             if p > 1:
@@ -177,7 +154,6 @@ class PhantomLinear(nn.Module):
                     device="meta", dtype=weight.dtype, seed=0)      # no random draw: filled below
         layer.to_empty(device=weight.device)
         layer._tag()
-        layer._stack_local_and_compressor()
         p, r, k = layer.world, layer.rank, ghost_dim
         mo, mi = n_out // p, n_in // p
         w = weight.detach()

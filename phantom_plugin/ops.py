@@ -27,19 +27,6 @@ def _remote_index(p: int, rank: int, device) -> torch.Tensor:
     return idx + (idx >= rank).to(idx.dtype)
 
 
-def stacked_weights(local_w: torch.Tensor, comp_w: torch.Tensor) -> Optional[torch.Tensor]:
-    """``[L; C] [n_out/p + k, n_in/p]`` as a view when ``comp_w`` directly follows ``local_w`` in
-    one buffer (as :class:`~phantom_plugin.layers.PhantomLinear` allocates them); else None."""
-    if not (local_w.is_contiguous() and comp_w.is_contiguous() and local_w.dtype == comp_w.dtype
-            and local_w.device == comp_w.device and local_w.shape[1:] == comp_w.shape[1:]):
-        return None
-    if (local_w.untyped_storage().data_ptr() != comp_w.untyped_storage().data_ptr()
-            or comp_w.storage_offset() != local_w.storage_offset() + local_w.numel()):
-        return None
-    return local_w.as_strided((local_w.shape[0] + comp_w.shape[0], local_w.shape[1]),
-                              (local_w.shape[1], 1))
-
-
 def _no_autocast(device: torch.device):
     """Autocast off for ``device``'s type inside the Function (inputs are already cast)."""
     if torch.amp.is_autocast_available(device.type):
@@ -58,11 +45,6 @@ class _PhantomLinear(torch.autograd.Function):
               ``[p, B, k]`` (own slot zero); async **reduce-scatter** (sum) -> ``dg [B, k]`` runs while
               ``dL = dy^T x``, ``dD = dy^T G_remote``, ``db`` and the local part of ``dx = dy L``
               compute; then ``dC = dg^T x`` and ``dx += dg C``.
-    On CPU (gloo, where overlap does not pay on few cores) two narrow GEMMs ride on wide ones:
-    in fp32/fp64, when ``L`` and ``C`` are the row blocks of one buffer (as ``PhantomLinear``
-    allocates them), the forward runs ``x [L; C]^T`` as one GEMM and then the all-gather; the
-    backward computes ``d[L; C] = [dy | dg]^T x`` as one GEMM after the reduce-scatter. CUDA
-    keeps the order above.
     Communication per call: ``p*k*B`` values gathered forward, ``p*k*B`` reduce-scattered backward.
     All tensors arrive in one dtype (:func:`phantom_linear` casts them under autocast).
     """
@@ -72,32 +54,14 @@ class _PhantomLinear(torch.autograd.Function):
         with _no_autocast(x.device):
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])                              # [B, n_in/p]
-            stacked = None
-            if x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.float64):
-                stacked = stacked_weights(local_w, comp_w)
-            if stacked is not None:
-                # CPU fp32/fp64: one GEMM x [L; C]^T -> [B, n_out/p + k] gives the local part and
-                # the ghosts (so the all-gather overlaps nothing: on 2 cores overlap does not pay).
-                # CUDA keeps the ghost GEMM first and the all-gather behind the local GEMM; bf16 and
-                # fp16 keep that order too, so autocast and a bf16 layer round alike
-                mo = local_w.shape[0]
-                both = x2 @ stacked.t()                                  # [B, n_out/p + k]
-                pending = comm.all_gather(both[:, mo:], group, async_op=True, tag="ghosts_fwd")
-                local = both[:, :mo]
-            else:
-                ghosts = x2 @ comp_w.t()                                 # [B, k]
-                pending = comm.all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
-                y = x2 @ local_w.t() if bias is None else torch.addmm(bias, x2, local_w.t())  # [B, n_out/p]
+            ghosts = x2 @ comp_w.t()                                     # [B, k]
+            pending = comm.all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
+            y = x2 @ local_w.t() if bias is None else torch.addmm(bias, x2, local_w.t())  # [B, n_out/p]
             gathered = pending.wait()                                    # [p, B, k]
             p, B = gathered.shape[0], x2.shape[0]
             idx = _remote_index(p, rank, gathered.device)
             remote = gathered.transpose(0, 1).index_select(1, idx).reshape(B, -1)  # [B, (p-1)k]
-            if stacked is not None:                                      # contiguous y
-                y = torch.addmm(local if bias is None else bias, remote, decomp_w.t())
-                if bias is not None:
-                    y.add_(local)
-            else:
-                y.addmm_(remote, decomp_w.t())
+            y.addmm_(remote, decomp_w.t())
         ctx.save_for_backward(x2, remote, local_w, comp_w, decomp_w)
         ctx.group, ctx.rank, ctx.p, ctx.has_bias, ctx.lead = group, rank, p, bias is not None, lead
         return y.reshape(*lead, y.shape[-1])
@@ -121,8 +85,7 @@ class _PhantomLinear(torch.autograd.Function):
                 torch.matmul(dy2.expand(hi - lo, B, mo), decomp_3[src:src + hi - lo], out=d_all[lo:hi])
         pending = comm.reduce_scatter(d_all, ctx.group, async_op=True, tag="ghosts_bwd")
         need_x, need_l, need_c, need_d, need_b = ctx.needs_input_grad[:5]
-        fuse_lc = dy2.device.type == "cpu" and need_l and need_c
-        d_local = dy2.t() @ x2 if need_l and not fuse_lc else None      # [n_out/p, n_in/p]
+        d_local = dy2.t() @ x2 if need_l else None                       # [n_out/p, n_in/p]
         d_decomp = None                                                  # [n_out/p, (p-1)k]
         if need_d:
             # CPU: (remote^T dy)^T, which MKL runs ~1.6x faster; CUDA: the plain product, whose
@@ -131,13 +94,7 @@ class _PhantomLinear(torch.autograd.Function):
         d_bias = dy2.sum(0) if ctx.has_bias and need_b else None
         dx = dy2 @ local_w if need_x else None                           # [B, n_in/p]
         dg = pending.wait()                                              # [B, k]
-        if fuse_lc:
-            # CPU: d[L; C] = [dy | dg]^T x in one GEMM (dL waits for the reduce-scatter); CUDA
-            # keeps dL = dy^T x before the wait, overlapping the reduce-scatter
-            both = torch.cat([dy2, dg], dim=1).t() @ x2                  # [n_out/p + k, n_in/p]
-            d_local, d_comp = both[:mo], both[mo:]
-        else:
-            d_comp = dg.t() @ x2 if need_c else None                     # [k, n_in/p]
+        d_comp = dg.t() @ x2 if need_c else None                         # [k, n_in/p]
         if need_x:
             dx.addmm_(dg, comp_w)
             dx = dx.reshape(*ctx.lead, dx.shape[-1])

@@ -76,47 +76,6 @@ def test_linear_forward_and_every_gradient_match_dense_reference(p):
     assert run_ranks(_check_linear, p) == [_expected_cases(p)] * p
 
 
-def _check_layouts(rank, p):
-    """L and C stacked in one buffer (the CPU op's one-GEMM path) or apart (after ``.to()``):
-    both exact against the reference; the stacking survives load_state_dict and meta init."""
-    from phantom_plugin.ops import stacked_weights
-    g = dist.group.WORLD
-    mi, mo = N_IN // p, N_OUT // p
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4, N_IN, dtype=torch.float64, generator=gen)
-    dy = torch.randn(4, N_OUT, dtype=torch.float64, generator=gen)
-    stacked = PhantomLinear(N_IN, N_OUT, ghost_dim=2, group=g, dtype=torch.float64, seed=3)
-    apart = PhantomLinear(N_IN, N_OUT, ghost_dim=2, group=g, dtype=torch.float64, seed=3)
-    apart.local_weight.data, apart.compressor.data = (apart.local_weight.detach().clone(),
-                                                      apart.compressor.detach().clone())
-    assert stacked_weights(stacked.local_weight, stacked.compressor) is not None
-    assert stacked_weights(apart.local_weight, apart.compressor) is None
-    assert stacked.local_weight.shape == (mo, mi) and stacked.compressor.shape == (2, mi)
-    y_ref, dx_ref, grads_ref = _reference_grads(rank, p, stacked, x, dy)
-    for layer in (stacked, apart):
-        xs = x[:, rank * mi:(rank + 1) * mi].clone().requires_grad_()
-        y = layer(xs)
-        (y * dy[:, rank * mo:(rank + 1) * mo]).sum().backward()
-        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
-        torch.testing.assert_close(xs.grad, dx_ref, rtol=0, atol=1e-10)
-        for name, ref in grads_ref.items():
-            torch.testing.assert_close(getattr(layer, name).grad, ref, rtol=0, atol=1e-10)
-    fresh = PhantomLinear(N_IN, N_OUT, ghost_dim=2, group=g, dtype=torch.float64, seed=9)
-    fresh.load_state_dict(apart.state_dict())
-    assert stacked_weights(fresh.local_weight, fresh.compressor) is not None
-    assert torch.equal(fresh.compressor, stacked.compressor)
-    meta = PhantomLinear(N_IN, N_OUT, ghost_dim=2, group=g, dtype=torch.float64, seed=3, device="meta")
-    meta.to_empty(device="cpu")
-    meta.reset_parameters()
-    assert stacked_weights(meta.local_weight, meta.compressor) is not None
-    assert torch.equal(meta.local_weight, stacked.local_weight)
-
-
-@pytest.mark.parametrize("p", [2, 3])
-def test_stacked_and_separate_parameter_layouts_are_both_exact(p):
-    run_ranks(_check_layouts, p)
-
-
 def _expected_cases(p):
     return 2 * len({1, max(1, N_IN // p // 2), N_IN // p})
 
