@@ -66,7 +66,32 @@ def build(args, phantom: bool, device):
         spec = with_phantom_mlp(spec, ghost_dim=args.ghost_dim, seed=args.seed)
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=256, max_sequence_length=args.seq,
                      position_embedding_type=positions, share_embeddings_and_output_weights=False)
+    if not phantom:
+        same_mlp_init(model, args.seed)
     return model.to(device)
+
+
+@torch.no_grad()
+def same_mlp_init(model, seed: int) -> None:
+    """Give TP's MLPs the phantom MLPs' initialisation convention (fan-in uniform masters of
+    :mod:`phantom_plugin.init`, seeded per layer as ``PhantomMLP``), so the comparison differs only
+    in the off-diagonal blocks: TP's diagonal blocks then equal phantom's ``L_i``."""
+    from megatron.core import parallel_state
+    from phantom_plugin import init
+    from phantom_plugin.megatron.mlp import _layer_seeds
+    p = parallel_state.get_tensor_model_parallel_world_size()
+    r = parallel_state.get_tensor_model_parallel_rank()
+    for layer in model.decoder.layers:
+        fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
+        s1, s2 = _layer_seeds(seed, layer.layer_number)
+        hidden, ffn = fc1.weight.shape[1], fc1.weight.shape[0] * p
+        w1, w2 = init.dense_master(s1, hidden, ffn), init.dense_master(s2, ffn, hidden)  # [ffn, h], [h, ffn]
+        fc1.weight.copy_(w1[r * ffn // p:(r + 1) * ffn // p])                     # column parallel: rows
+        fc2.weight.copy_(w2[:, r * ffn // p:(r + 1) * ffn // p])                  # row parallel: columns
+        if fc1.bias is not None:
+            fc1.bias.copy_(init.dense_bias(s1, hidden, ffn)[r * ffn // p:(r + 1) * ffn // p])
+        if fc2.bias is not None:
+            fc2.bias.copy_(init.dense_bias(s2, ffn, hidden))
 
 
 def unique_params(model, only: str = "") -> int:
@@ -80,7 +105,10 @@ def unique_params(model, only: str = "") -> int:
 def run(args, phantom: bool, train, evals, device) -> dict:
     from phantom_plugin import COUNTER, comm
     model = build(args, phantom, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    from phantom_plugin import param_groups
+    mult = None if args.factor_lr_mult is None else {"compressor": args.factor_lr_mult,
+                                                      "decompressor": args.factor_lr_mult}
+    opt = torch.optim.AdamW(param_groups(model, args.lr, weight_decay=0.0, multipliers=mult), lr=args.lr)
     pos = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
     losses, timed, t0 = [], 0, None
     COUNTER.reset()
@@ -149,6 +177,8 @@ def main() -> None:
     ap.add_argument("--ghost-dim", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--factor-lr-mult", type=float, default=None,
+                    help="lr multiplier of compressors and decompressors (default: param_groups' k-aware rule)")
     ap.add_argument("--generate", type=int, default=0, metavar="N",
                     help="after training, continue a held-out prompt by N greedy tokens (phantom and dense)")
     args = ap.parse_args()

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from .. import comm, cost, energy
 from ..layers import PhantomFFN
+from ..optim import param_groups
 
 __all__ = ["RunSpec", "teacher_batch", "train_rank", "machine_description", "model_cost"]
 
@@ -135,11 +136,12 @@ def build_model(spec: RunSpec, group, device, dtype) -> torch.nn.Module:
 
 def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
     """Adam, fused where torch has a fused kernel for the device (CPU too since torch 2.4): the
-    same optimizer for both modes. Unfused CPU Adam costs about as much as the GEMMs of a small model."""
+    same optimizer for both modes, on :func:`phantom_plugin.param_groups`. Unfused CPU Adam costs
+    about as much as the GEMMs of a small model."""
     try:
-        return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+        return torch.optim.Adam(param_groups(model, lr), lr=lr, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.Adam(param_groups(model, lr), lr=lr)
 
 
 def train_step(model, opt, x, y) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""Tables and plots from ``param_study.py`` runs: loss against steps per variant, and the modeled
+cost for phantom at each ``k`` to reach the dense model's loss at a given step.
+
+    python benchmarks/param_study_report.py benchmarks/results/param_study/*.json --out benchmarks/results/param_study
+
+Cost of a step: the cost model's MACs (``cost.phantom_ffn_cost`` / ``cost.tp_ffn_cost``), which the
+E1 run shows tracks CPU-seconds per step (0.531 of TP's MACs, 0.534 of its CPU-seconds at k=32).
+"Reached" uses the running mean of 10 steps, as ``phantom-bench`` does.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from phantom_plugin import cost
+
+
+def smooth(losses, i, n=10):
+    window = losses[max(0, i - n + 1):i + 1]
+    return sum(window) / len(window)
+
+
+def first_reach(losses, target, n=10):
+    for i in range(n - 1, len(losses)):
+        if smooth(losses, i, n) <= target:
+            return i + 1
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--at", default="50,100,200,300", help="dense steps whose loss is the target")
+    a = ap.parse_args()
+    runs, dense = [], None
+    for path in a.files:
+        d = json.load(open(path))
+        args = d["args"]
+        for r in d["results"]:
+            r = dict(r, width=args["width"], p=args["ranks"], k=args["ghosts"], batch=args["batch"],
+                     depth=args["depth"])
+            if r["label"] == "dense":
+                if dense is None or r["width"] == 1024:
+                    dense = r if r["width"] == 1024 else dense
+                continue
+            if not any((q["width"], q["k"], q["label"]) == (r["width"], r["k"], r["label"]) for q in runs):
+                runs.append(r)                          # deterministic: a repeated variant is identical
+    md = ["| width | p | k | variant | loss @50 | @100 | @200 | @300 | MACs/TP |", "|" + "---|" * 9]
+    for r in sorted(runs, key=lambda r: (r["width"], r["k"], r["label"])):
+        ratio = (cost.phantom_ffn_cost(r["width"], r["depth"], p=r["p"], k=r["k"], batch=r["batch"]).macs
+                 / cost.tp_ffn_cost(r["width"], r["depth"], p=r["p"], batch=r["batch"]).macs)
+        r["mac_ratio"] = ratio
+        cells = [f"{smooth(r['losses'], s - 1):.4f}" if s <= len(r["losses"]) else "-" for s in (50, 100, 200, 300)]
+        md.append(f"| {r['width']} | {r['p']} | {r['k']} | {r['label']} | " + " | ".join(cells) + f" | {ratio:.3f} |")
+    if dense is not None:
+        cells = [f"{smooth(dense['losses'], s - 1):.4f}" for s in (50, 100, 200, 300)]
+        md.append(f"| {dense['width']} | dense | - | dense (TP) | " + " | ".join(cells) + " | 1.000 |")
+        md += ["", "Phantom's modeled cost (steps x MACs/step) to the dense model's loss at step s, over TP's "
+               "(s steps); `-`: not reached in the run:", "",
+               "| k | variant | " + " | ".join(f"s={s}" for s in a.at.split(",")) + " |",
+               "|" + "---|" * (2 + len(a.at.split(",")))]
+        for r in sorted(runs, key=lambda r: (r["k"], r["label"])):
+            if r["width"] != dense["width"]:
+                continue
+            cells = []
+            for s in map(int, a.at.split(",")):
+                n = first_reach(r["losses"], smooth(dense["losses"], s - 1))
+                cells.append("-" if n is None else f"{n * r['mac_ratio'] / s:.2f} ({n})")
+            md.append(f"| {r['k']} | {r['label']} | " + " | ".join(cells) + " |")
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "summary.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    base = [r for r in runs if r["width"] == 1024 and r["label"] == "base"]
+    for ax, x_of in zip(axes, ("steps", "cost")):
+        if dense is not None:
+            xs = list(range(1, len(dense["losses"]) + 1))
+            ax.plot(xs, [smooth(dense["losses"], i) for i in range(len(xs))], "k-", lw=2, label="dense (TP)")
+        for r in sorted(base, key=lambda r: r["k"]):
+            xs = [i * (1 if x_of == "steps" else r["mac_ratio"]) for i in range(1, len(r["losses"]) + 1)]
+            ax.plot(xs, [smooth(r["losses"], i) for i in range(len(xs))], label=f"phantom k={r['k']}")
+        ax.set_xlabel("step" if x_of == "steps" else "modeled cost (TP steps of MACs)")
+        ax.set_ylabel("train loss (mean of 10)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("teacher FFN, width 1024, depth 4, p=2: loss vs step")
+    axes[1].set_title("same, against modeled cost")
+    fig.tight_layout()
+    fig.savefig(os.path.join(a.out, "loss_vs_k.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    main()
