@@ -30,6 +30,15 @@ timeout 120 "$PY" benchmarks/gpu_smoke.py --out "$OUT_DIR"
 smoke=$?
 timeout 330 "$PY" benchmarks/gpu_layer_check.py --out "$OUT_DIR" --budget-s 270 "$@"
 layer=$?
+# Forward only across GPUs (NCCL): phantom-bench --inference needs 2 GPUs; on one GPU the
+# forward-only per-rank table of gpu_layer_check.md stands in for it.
+bench=0
+if [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -ge 2 ]; then
+    timeout 90 "$PY" -m phantom_plugin.bench.cli --inference --width 8192 --depth 4 --ranks 2 --ghosts 64 \
+        --batch 4096 --dtype bf16 --steps 30 --no-progress --out "$OUT_DIR/inference" || bench=$?
+else
+    echo "SKIPPED: phantom-bench --inference across GPUs (needs 2 GPUs); forward-only per rank is in gpu_layer_check.md"
+fi
 # Megatron-core's inference engines (KV cache, dynamic batching) with phantom MLPs: CUDA only, so
 # never run in CI. Runs after the layer check so its results are written whatever happens here.
 engine=0
@@ -40,5 +49,5 @@ if "$PY" -c "import megatron.core" >/dev/null 2>&1; then
 else
     echo "SKIPPED: megatron inference check (megatron-core not installed: pip install -e '.[megatron]')"
 fi
-echo "gpu_smoke exit $smoke, gpu_layer_check exit $layer, gpu_inference_check exit $engine (results in $OUT_DIR)"
-exit $(( smoke != 0 || layer != 0 || engine != 0 ))
+echo "gpu_smoke exit $smoke, gpu_layer_check exit $layer, phantom-bench --inference exit $bench, gpu_inference_check exit $engine (results in $OUT_DIR)"
+exit $(( smoke != 0 || layer != 0 || bench != 0 || engine != 0 ))

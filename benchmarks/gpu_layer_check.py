@@ -99,6 +99,18 @@ def _phantom_step(x, L, C, D, dy, p):
     return torch.autograd.grad(y, (x, L, C, D), dy)
 
 
+def _phantom_forward(x, L, C, D, p):
+    """One phantom rank's real forward only (inference; resident exchange)."""
+    with torch.inference_mode():
+        return ops.phantom_linear(x, L, C, D, None, _EXCHANGED, p // 2)
+
+
+def _tp_forward(x, W):
+    """One TP rank's forward only (inference): the column layer's GEMM."""
+    with torch.inference_mode():
+        return torch.nn.functional.linear(x, W)
+
+
 def _phantom_overlappable(x, L, remote, dy):
     """The GEMMs that can run while the ghosts travel: forward ``x L^T``; backward ``dL``,
     ``dD`` and ``dy L`` (``dC`` and the ghost part of ``dx`` wait for the reduce-scatter)."""
@@ -257,6 +269,11 @@ def _measure(row, device, dtype, min_s, short, meter, peak, square_tflops) -> No
     with resident_exchange(row["p"], row["p"] // 2, gathered, reduced):
         ph = _time(_phantom_step, ph_args + (row["p"],), device, min_s, meter, "phantom")
     tp = _time(_tp_step, tp_args, device, min_s, meter, "tp")
+    with resident_exchange(row["p"], row["p"] // 2, gathered, reduced):
+        f_ph = _time(_phantom_forward, tuple(t.detach() for t in ph_args[:4]) + (row["p"],), device, short)
+    f_tp = _time(_tp_forward, (tp_args[0].detach(), tp_args[1].detach()), device, short)
+    row["forward"] = {"phantom_s": f_ph["time_s"], "tp_s": f_tp["time_s"],
+                      "ratio": f_ph["time_s"] / f_tp["time_s"]}
     x, L, remote, dy = ov_args
     fwd = _time(lambda: x @ L.t(), (), device, short)
     both = _time(_phantom_overlappable, ov_args, device, short)
@@ -298,7 +315,13 @@ def markdown(doc: dict) -> str:
            f"grad GEMM; energy + {doc['pj_per_byte']} pJ/byte ({doc['pj_per_byte_source']}).", "",
            "| n | p | link model | phantom bytes | TP bytes | phantom s, serial / overlapped | "
            "TP s, serial / overlapped | phantom/TP time (overlapped) | phantom/TP energy |", "|" + "---|" * 9]
+    fwd = ["", "Forward only (inference), per rank, one layer, measured (compute only, resident exchange):", "",
+           "| n | p | k | tokens | phantom ms | TP ms | phantom/TP |", "|" + "---|" * 7]
     for r in doc["rows"]:
+        if "forward" in r:
+            f = r["forward"]
+            fwd.append(f"| {r['n']} | {r['p']} | {r['k']} | {r['tokens']} | {f['phantom_s'] * 1e3:.3f} | "
+                       f"{f['tp_s'] * 1e3:.3f} | {f['ratio']:.3f} |")
         if "phantom" not in r:
             lines.append(f"| {r['n']} | {r['p']} | {r['k']} | {r['tokens']} | skipped ({r.get('skipped')}) |" + " |" * 6)
             continue
@@ -313,7 +336,7 @@ def markdown(doc: dict) -> str:
                    f"{ph['extrapolated_step_s_serial']:.3g} / {ph['extrapolated_step_s_overlapped']:.3g} | "
                    f"{tp['extrapolated_step_s_serial']:.3g} / {tp['extrapolated_step_s_overlapped']:.3g} | "
                    f"{ph['extrapolated_step_s_overlapped'] / tp['extrapolated_step_s_overlapped']:.3f} | {er} |")
-    return "\n".join(lines + ext)
+    return "\n".join(lines + fwd + ext)
 
 
 if __name__ == "__main__":

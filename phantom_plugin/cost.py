@@ -58,6 +58,11 @@ class Cost:
     def bytes_by(self, direction: str) -> int:
         return sum(m.bytes_sent for m in self.messages if m.direction == direction)
 
+    def forward_only(self) -> "Cost":
+        """The same model run forward only (inference): forward MACs and forward messages only."""
+        return dataclasses.replace(self, macs_bwd=0, activation_values=0,
+                                   messages=tuple(m for m in self.messages if m.direction == "fwd"))
+
     def __add__(self, other: "Cost") -> "Cost":
         return Cost(*(getattr(self, f.name) + getattr(other, f.name)
                       for f in dataclasses.fields(Cost)))

@@ -2,13 +2,19 @@
 
     phantom-plan --width 8192 --depth 4 --ranks 8 --ghosts 64 [--batch 1] [--dtype bf16]
     phantom-plan --width 8192 --depth 4 --ranks 8 --param-budget 0.25     # suggest k
+    phantom-plan --width 2048 --depth 4 --ranks 2 --ghosts 32 --batch 256 --calibrate [--json]
 
 Numbers are modeled (see :mod:`phantom_plugin.cost`), per training step; bytes are what one
-rank sends under ring collectives.
+rank sends under ring collectives. ``--calibrate`` starts ``--ranks`` ranks on this machine (gloo;
+NCCL with one GPU per rank when enough are visible), times every GEMM shape, pointwise pass,
+optimizer step and collective of both models' training step there (a few seconds), and predicts
+each model's step time from them (:mod:`phantom_plugin.timing`). ``--json`` prints the same as JSON.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -49,6 +55,61 @@ def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtyp
     return "\n".join(out)
 
 
+def plan_dict(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,
+              prediction: Optional[dict] = None) -> dict:
+    """The plan as JSON-ready data: both models' counts, and the calibrated prediction if given."""
+    elt = cost.DTYPE_BYTES[dtype]
+    models = {"tp": cost.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt),
+              "phantom": cost.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)}
+    out = {"width": width, "depth": depth, "ranks": ranks, "ghosts": ghosts, "batch": batch, "dtype": dtype,
+           "modeled": {m: {"params": c.params, "params_per_rank": c.params_per_rank, "macs_fwd": c.macs_fwd,
+                           "macs_bwd": c.macs_bwd, "flops": c.flops, "bytes_sent_fwd": c.bytes_by("fwd"),
+                           "bytes_sent_bwd": c.bytes_by("bwd"), "collectives": len(c.messages),
+                           "activation_values": c.activation_values} for m, c in models.items()}}
+    if prediction is not None:
+        out.update(prediction)
+    return out
+
+
+def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,
+                          activation: str = "gelu", threads: int = 0) -> dict:
+    """Measure the step terms of both models on ``ranks`` fresh ranks and predict their step times.
+
+    Returns ``{"predicted_step_time_s": {"tp", "phantom"}, "ratio", "parts_s": {...},
+    "link": {"latency_s", "bandwidth_bytes_per_s"}, "machine", "threads_per_rank"}``.
+    """
+    import torch
+    from . import timing
+    from .bench.calibrate import calibrate_rank
+    from .bench.runner import machine_description
+    from .launch import run_ranks
+    terms = {mode: timing.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts,
+                                     activation=activation, dtype=dtype) for mode in ("tp", "phantom")}
+    distinct = sorted(set(terms["tp"]) | set(terms["phantom"]), key=repr)
+    nccl = torch.cuda.is_available() and torch.cuda.device_count() >= ranks
+    threads = threads or max(1, (os.cpu_count() or 1) // ranks)
+    secs, link = run_ranks(calibrate_rank, ranks, distinct, dtype, timeout=600,
+                           backend="nccl" if nccl else "gloo", threads=threads)[0]
+    measured = dict(zip(distinct, secs))
+    pred = {mode: timing.predict(terms[mode], measured) for mode in terms}
+    device = torch.device("cuda", 0) if nccl else torch.device("cpu")
+    return {"predicted_step_time_s": {m: pred[m]["step_time_s"] for m in pred},
+            "ratio": pred["phantom"]["step_time_s"] / pred["tp"]["step_time_s"],
+            "parts_s": {m: pred[m]["parts_s"] for m in pred}, "link": link,
+            "machine": machine_description(device), "threads_per_rank": threads}
+
+
+def _prediction_rows(pred: dict) -> list[str]:
+    t = pred["predicted_step_time_s"]
+    rows = [f"| predicted step time (calibrated here) | {t['tp'] * 1e3:.1f} ms | {t['phantom'] * 1e3:.1f} ms "
+            f"| {pred['ratio']:.4f} |"]
+    for part in ("gemm", "pointwise", "optimizer", "collective"):
+        a, b = pred["parts_s"]["tp"].get(part, 0.0), pred["parts_s"]["phantom"].get(part, 0.0)
+        rows.append(f"| - of which {part} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | "
+                    f"{b / a if a else float('nan'):.4f} |")
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="phantom-plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,6 +121,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dtype", default="fp32", choices=sorted(cost.DTYPE_BYTES))
     ap.add_argument("--param-budget", type=float, help="suggest the largest k with params <= this fraction of TP's")
     ap.add_argument("--traffic-budget", type=float, help="suggest the largest k with bytes <= this fraction of TP's")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="measure this machine's GEMM, pointwise, optimizer and collective times on --ranks "
+                         "ranks and predict both models' step time")
+    ap.add_argument("--activation", default="gelu", choices=["gelu", "relu", "silu", "tanh"],
+                    help="activation between layers (--calibrate)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = ap.parse_args(argv)
     for name in ("width", "depth", "ranks", "batch"):
         if getattr(a, name) < 1:
@@ -73,12 +140,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                             param_budget=a.param_budget, traffic_budget=a.traffic_budget)
         except ValueError as e:
             ap.error(str(e))
-        print(f"suggested --ghosts {ghosts} (largest k within the budget)\n")
+        if not a.json:
+            print(f"suggested --ghosts {ghosts} (largest k within the budget)\n")
     if ghosts is None:
         ap.error("give --ghosts K, or --param-budget / --traffic-budget to have k suggested")
     if not 1 <= ghosts <= a.width // a.ranks:
         ap.error(f"--ghosts must be between 1 and width/ranks = {a.width // a.ranks}")
-    print(plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype))
+    pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation)
+            if a.calibrate else None)
+    if a.json:
+        print(json.dumps(plan_dict(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, pred), indent=1))
+        return 0
+    table = plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype)
+    if pred is not None:
+        table += "\n" + "\n".join(_prediction_rows(pred)) + (
+            f"\n\nCalibrated on {pred['machine']}, {a.ranks} ranks x {pred['threads_per_rank']} thread(s); "
+            f"collective latency {pred['link'].get('latency_s', 0) * 1e6:.0f} us, bandwidth "
+            f"{pred['link'].get('bandwidth_bytes_per_s', 0) / 1e9:.2f} GB/s (largest message); "
+            "communication added, not overlapped.")
+    print(table)
     return 0
 
 

@@ -8,7 +8,9 @@ One point::
 Comma-separated values make a grid (``--ranks 2,4 --ghosts 16,32``). Ranks are started here
 (gloo on CPU; NCCL, one GPU per rank, when enough GPUs are visible). ``--recipe e1`` / ``e2`` run
 the paper's two experiments (:mod:`.experiments`); ``--probe`` adds the GEMM-rate and
-hidden-communication measurements (:mod:`.probe`).
+hidden-communication measurements (:mod:`.probe`). ``--inference`` measures forward passes only
+(:mod:`.inference`): a throughput phase at ``--batch`` and a latency phase at batch 1, ``--steps``
+forward passes each.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "loss; e2: phantom on p/2 ranks trained to TP-on-p's final loss")
     ap.add_argument("--max-factor", type=float, default=4.0,
                     help="E2: phantom may run up to this many times TP's steps to reach its loss")
+    ap.add_argument("--inference", action="store_true",
+                    help="forward only (torch.inference_mode): throughput at --batch and latency at batch 1; "
+                         "--steps forward passes per phase")
     ap.add_argument("--probe", action="store_true",
                     help="also measure the dense GEMM rate and the hidden ghost communication")
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
@@ -54,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", default="bench_out", help="output folder")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.inference and args.recipe != "grid":
+        ap.error(f"--inference runs the grid only (got --recipe {args.recipe}): time to a loss needs training")
+    if args.inference and args.probe:
+        ap.error("--probe measures training steps; drop it with --inference")
     args.modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in args.modes if m not in ("tp", "phantom")]
     if bad:
@@ -86,22 +95,24 @@ def backend_for(args, p: int) -> str:
     return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= p else "gloo"
 
 
-def run_one(args, p: int, spec) -> dict:
-    """Start ``p`` ranks, train ``spec``, return rank 0's result with the launch conditions."""
+def run_one(args, p: int, spec, fn=None):
+    """Start ``p`` ranks, run ``fn`` (default: train ``spec``), return rank 0's result (a record,
+    or a list of records for :func:`.inference.infer_rank`) with the launch conditions."""
     from ..launch import run_ranks
     from .runner import train_rank
     cores = os.cpu_count() or 1
     backend = backend_for(args, p)
     threads = args.threads or max(1, cores // p)
-    r = run_ranks(train_rank, p, spec, not args.no_progress, timeout=args.timeout, backend=backend,
-                  threads=threads)[0]
-    r.update(backend=backend, threads_per_rank=threads,
-             oversubscribed=backend == "gloo" and p * threads > cores)
-    return r
+    out = run_ranks(fn or train_rank, p, spec, not args.no_progress, timeout=args.timeout, backend=backend,
+                    threads=threads)[0]
+    for r in out if isinstance(out, list) else [out]:
+        r.update(backend=backend, threads_per_rank=threads,
+                 oversubscribed=backend == "gloo" and p * threads > cores)
+    return out
 
 
 def write_outputs(out: str, runs: list[dict], markdown: str, summary: dict, title: str) -> list[str]:
-    from .plots import write_plots
+    from .plots import write_inference_plots, write_plots
     os.makedirs(out, exist_ok=True)
     doc = {"command": "phantom-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -110,13 +121,15 @@ def write_outputs(out: str, runs: list[dict], markdown: str, summary: dict, titl
         json.dump(doc, f, indent=1, default=str)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown + "\n")
-    return [os.path.join(out, "results.json"), os.path.join(out, "results.md")] + write_plots(runs, out, title)
+    plots = write_inference_plots if runs and "phase" in runs[0] else write_plots
+    return [os.path.join(out, "results.json"), os.path.join(out, "results.md")] + plots(runs, out, title)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from . import experiments
-    runs, markdown, summary, title = experiments.RECIPES[args.recipe](args)
+    recipe = experiments.inference if args.inference else experiments.RECIPES[args.recipe]
+    runs, markdown, summary, title = recipe(args)
     paths = write_outputs(args.out, runs, markdown, summary, title)
     print(markdown)
     print("\nwrote " + ", ".join(paths))

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
-from .report import fmt_bytes, pair_table, pairs, runs_table, to_target
+from .report import fmt_bytes, inference_pair_table, inference_table, pair_table, pairs, runs_table, to_target
 
-__all__ = ["RECIPES", "grid", "e1", "e2", "targets_markdown"]
+__all__ = ["RECIPES", "grid", "e1", "e2", "inference", "targets_markdown"]
 
 
 def _header(runs: list[dict], what: str) -> str:
@@ -168,6 +168,26 @@ def _e2_row(tp: dict, ph: dict, summary: list) -> str:
             f"{j(a)} / {j(b)} | {a['energy_j_modeled']:.2f} / {b['energy_j_modeled']:.2f} | "
             f"{b['seconds'] / a['seconds']:.3f} | {b['cpu_seconds'] / a['cpu_seconds']:.3f} | "
             f"{b['energy_j_modeled'] / a['energy_j_modeled']:.3f} |")
+
+
+def inference(args):
+    """``--inference``: every grid point forward-only, both phases from one launch per mode."""
+    from .cli import grid_specs, run_one
+    from .inference import infer_rank
+    runs = []
+    bar = tqdm(grid_specs(args), desc="phantom-bench --inference", disable=args.no_progress)
+    for p, spec in bar:
+        bar.set_postfix_str(f"{spec.mode} p={p} n={spec.width} L={spec.depth} k={spec.ghost_dim}")
+        runs += run_one(args, p, spec, infer_rank)
+    md = [_header(runs, "phantom-bench --inference: forward only (torch.inference_mode)").replace(
+              "step times are medians", "forward times are medians (p50) and 99th percentiles"),
+          "Throughput phase at the given batch, latency phase at batch 1; one launch per mode runs both.", "",
+          inference_table(runs), "", "phantom/TP:", "", inference_pair_table(runs)]
+    summary = {"pairs": [{"phase": ph["phase"], "world_size": ph["world_size"], "width": ph["width"],
+                          "ghost_dim": ph["ghost_dim"], "batch": ph["batch"],
+                          "forward_time_ratio": ph["latency_p50_s"] / tp["latency_p50_s"],
+                          "p99_ratio": ph["latency_p99_s"] / tp["latency_p99_s"]} for tp, ph in pairs(runs)]}
+    return runs, "\n".join(md), summary, "phantom-bench --inference"
 
 
 RECIPES = {"grid": grid, "e1": e1, "e2": e2}

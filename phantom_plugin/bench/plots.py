@@ -5,13 +5,18 @@
   (measured joules when every run has them, otherwise CPU-seconds of all ranks, labelled);
 * ``per_step_vs_ranks.png``: step time, bytes sent and energy per step (measured, else modeled,
   labelled) against the number of ranks, one line per mode / width / depth / ``k``.
+
+Forward-only records (``phantom-bench --inference``) get their own two plots instead:
+
+* ``inference_time.png``: median and 99th-percentile forward time per phase, one bar per run;
+* ``inference_latency_cdf.png``: the distribution of forward times, one line per run, per phase.
 """
 from __future__ import annotations
 
 import itertools
 import os
 
-__all__ = ["write_plots"]
+__all__ = ["write_plots", "write_inference_plots"]
 
 
 def _label(r: dict) -> str:
@@ -78,6 +83,39 @@ def write_plots(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
     axes[0].legend(fontsize=7)
     fig.suptitle(title or "per step against ranks")
     paths.append(_save(fig, out_dir, "per_step_vs_ranks.png"))
+    return paths
+
+
+def write_inference_plots(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
+    """Write the two forward-only PNGs into ``out_dir``; returns their paths."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    phases = sorted({r["phase"] for r in runs}, reverse=True)     # throughput, latency
+    style = {"tp": "-", "phantom": "--"}
+    paths = []
+    fig, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4.5), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        rs = [r for r in runs if r["phase"] == phase]
+        xs = range(len(rs))
+        ax.bar([x - 0.2 for x in xs], [r["latency_p50_s"] * 1e3 for r in rs], 0.4, label="p50")
+        ax.bar([x + 0.2 for x in xs], [r["latency_p99_s"] * 1e3 for r in rs], 0.4, label="p99")
+        ax.set_xticks(list(xs), [_label(r) for r in rs], rotation=20, ha="right", fontsize=7)
+        ax.set(ylabel="forward time, ms", title=f"{phase} (batch {rs[0]['batch']})")
+        ax.legend(fontsize=7)
+    fig.suptitle(title or "forward time")
+    paths.append(_save(fig, out_dir, "inference_time.png"))
+
+    fig, axes = plt.subplots(1, len(phases), figsize=(6 * len(phases), 4.5), squeeze=False)
+    for ax, phase in zip(axes[0], phases):
+        for r in (r for r in runs if r["phase"] == phase):
+            ts = sorted(t * 1e3 for t in r["step_times_s"][r["warmup"]:])
+            ax.plot(ts, [(i + 1) / len(ts) for i in range(len(ts))], style[r["mode"]], label=_label(r))
+        ax.set(xlabel="forward time, ms", ylabel="fraction of forward passes", xscale="log",
+               title=f"{phase}: distribution of forward times")
+        ax.legend(fontsize=7)
+    paths.append(_save(fig, out_dir, "inference_latency_cdf.png"))
     return paths
 
 

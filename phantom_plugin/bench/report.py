@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-__all__ = ["demo_table", "runs_table", "pairs", "pair_table", "to_target", "fmt_bytes", "fmt_count"]
+__all__ = ["demo_table", "runs_table", "inference_table", "inference_pair_table", "pairs", "pair_table", "to_target", "fmt_bytes", "fmt_count"]
 
 
 def fmt_count(n: float) -> str:
@@ -119,3 +119,37 @@ def to_target(r: dict, target: float, smooth: int = 10) -> Optional[dict]:
                     "energy_j": None if r["energy_j_per_step"] is None else r["energy_j_per_step"] * n,
                     "energy_j_modeled": r["energy_j_modeled_per_step"] * n}
     return None
+
+
+def inference_table(runs: list[dict]) -> str:
+    """One row per forward-only record (:mod:`.inference`)."""
+    lines = ["| mode | phase | ranks | width | depth | k | batch | forward p50 | forward p99 | samples/s | "
+             "bytes/forward measured | bytes/forward model | collectives/forward | energy (measured) | "
+             "energy/forward (modeled) |", "|" + "---|" * 15]
+    for r in runs:
+        k = r["ghost_dim"] if r["mode"] == "phantom" else "-"
+        lines.append(
+            f"| {r['mode']} | {r['phase']} | {r['world_size']} | {r['width']} | {r['depth']} | {k} | {r['batch']} | "
+            f"{r['latency_p50_s'] * 1e3:.3f} ms | {r['latency_p99_s'] * 1e3:.3f} ms | "
+            f"{r['tokens_or_samples_per_s']:.0f} | {fmt_bytes(r['comm_bytes_per_step'])} | "
+            f"{fmt_bytes(r['comm_bytes_per_step_model'])} | {r['collectives_per_step']} | "
+            f"{_joules(r['energy_j'])} | {r['energy_j_modeled_per_step']:.3g} J |")
+    return "\n".join(lines)
+
+
+def inference_pair_table(runs: list[dict]) -> str:
+    """phantom/TP ratios of forward-only records, per phase (same ranks, width, depth, batch)."""
+    lines = ["| phase | ranks | width | depth | k | batch | forward p50 | forward p99 | samples/s | MACs | "
+             "bytes/forward | energy/forward modeled | energy measured |", "|" + "---|" * 13]
+    for tp, ph in pairs(runs):
+        e = ("n/a" if tp["energy_j"] is None or ph["energy_j"] is None else
+             f"{ph['energy_j_per_step'] / tp['energy_j_per_step']:.3f}")
+        lines.append(
+            f"| {ph['phase']} | {tp['world_size']} | {tp['width']} | {tp['depth']} | {ph['ghost_dim']} | "
+            f"{tp['batch']} | {ph['latency_p50_s'] / tp['latency_p50_s']:.3f} | "
+            f"{ph['latency_p99_s'] / tp['latency_p99_s']:.3f} | "
+            f"{ph['tokens_or_samples_per_s'] / tp['tokens_or_samples_per_s']:.3f} | "
+            f"{ph['macs_per_step'] / tp['macs_per_step']:.3f} | "
+            f"{ph['comm_bytes_per_step'] / max(1, tp['comm_bytes_per_step']):.3f} | "
+            f"{ph['energy_j_modeled_per_step'] / tp['energy_j_modeled_per_step']:.3f} | {e} |")
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ import platform
 import resource
 import statistics
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -70,6 +71,18 @@ class RunSpec:
             raise ValueError(f"RunSpec.steps={self.steps} must exceed warmup={self.warmup}")
         if self.energy_preset not in energy.PRESETS:
             raise ValueError(f"RunSpec.energy_preset must be one of {sorted(energy.PRESETS)}")
+
+
+# Third-party warnings that say nothing about a run: megatron-core's import-time notice that neither
+# Transformer Engine nor apex is installed (true on every CPU machine), and its per-call advice
+# about a CUDA environment variable, printed on CPU too.
+_NOISE = ("Transformer Engine and Apex are not installed", "CUDA_DEVICE_MAX_CONNECTIONS")
+
+
+def quiet_third_party() -> None:
+    """Hide the :data:`_NOISE` warnings in this rank process; every other warning still shows."""
+    for text in _NOISE:
+        warnings.filterwarnings("ignore", message=f".*{text}")
 
 
 def teacher_batch(step: int, batch: int, width: int, seed: int, device=None,
@@ -150,6 +163,7 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
     ``meter``: an energy meter with ``begin_window(name)`` / ``end_window(name)`` (default: an
     :class:`~phantom_plugin.energy.EnergyMeter` on this rank's device).
     """
+    quiet_third_party()
     group = dist.group.WORLD
     # the launcher sets each NCCL rank's CUDA device first; a gloo run stays on the CPU
     device = comm.collective_device(group)
@@ -210,29 +224,22 @@ def _all_agree(flag: bool, group) -> bool:
     return int(t.item()) == 0
 
 
-def _result(spec, p, model, device, losses, times, cpu_sum, sent, window, reached_at, probe) -> dict:
-    w = spec.warmup
-    timed = times[w:]
-    mc = model_cost(spec, p)
-    step_time = statistics.median(timed)
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    n_timed = len(timed)
+def peak_memory(device: torch.device) -> dict:
+    """``peak_memory_bytes`` and what it counts on this device."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device),
+                "peak_memory_kind": "cuda max_memory_allocated"}
+    return {"peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_memory_kind": "rank 0 process max RSS"}
+
+
+def energy_fields(window, n_timed: int, mc: cost.Cost, p: int, preset_name: str) -> dict:
+    """The energy fields of a run record: ``window`` measured over ``n_timed`` steps (all ranks,
+    or a reason why not), and the modeled energy of ``mc`` on ``p`` ranks, labelled as modeled."""
     e_meas = getattr(window, "energy_j", None)
-    modeled_step = energy.modeled_energy_j(mc.flops, mc.bytes_sent, spec.energy_preset)
-    preset = energy.PRESETS[spec.energy_preset]
+    modeled_step = energy.modeled_energy_j(mc.flops, mc.bytes_sent, preset_name)
+    preset = energy.PRESETS[preset_name]
     return {
-        **dataclasses.asdict(spec), "world_size": p, "steps_run": len(losses),
-        "step_time_s": step_time, "step_times_s": times,
-        "tokens_or_samples_per_s": spec.batch / step_time,
-        "cpu_seconds_per_step": statistics.median(cpu_sum[w:]), "step_cpu_s": cpu_sum,
-        "comm_bytes_per_step": statistics.median(sent[w:]),
-        "comm_bytes_per_step_model": mc.bytes_sent,
-        "macs_per_step": mc.macs, "flops_per_step": mc.flops, "params": count_params(model, p),
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "rank 0 process max RSS",
-        "losses": losses, "final_loss": statistics.fmean(losses[-SMOOTH:]),
-        "reached_target_at_step": reached_at,
         "energy_j": e_meas,
         "energy_j_per_step": None if e_meas is None else e_meas / n_timed,
         "energy_source": getattr(window, "source", "none"),
@@ -244,6 +251,26 @@ def _result(spec, p, model, device, losses, times, cpu_sum, sent, window, reache
         "energy_j_modeled_per_step": modeled_step * p,
         "energy_model": (f"modeled, all {p} ranks, preset {preset.name}: {preset.pj_per_flop:.3g} pJ/FLOP "
                          f"({preset.flop_source}); {preset.pj_per_byte:.3g} pJ/byte ({preset.byte_source})"),
+    }
+
+
+def _result(spec, p, model, device, losses, times, cpu_sum, sent, window, reached_at, probe) -> dict:
+    w = spec.warmup
+    timed = times[w:]
+    mc = model_cost(spec, p)
+    step_time = statistics.median(timed)
+    return {
+        **dataclasses.asdict(spec), "world_size": p, "steps_run": len(losses),
+        "step_time_s": step_time, "step_times_s": times,
+        "tokens_or_samples_per_s": spec.batch / step_time,
+        "cpu_seconds_per_step": statistics.median(cpu_sum[w:]), "step_cpu_s": cpu_sum,
+        "comm_bytes_per_step": statistics.median(sent[w:]),
+        "comm_bytes_per_step_model": mc.bytes_sent,
+        "macs_per_step": mc.macs, "flops_per_step": mc.flops, "params": count_params(model, p),
+        **peak_memory(device),
+        "losses": losses, "final_loss": statistics.fmean(losses[-SMOOTH:]),
+        "reached_target_at_step": reached_at,
+        **energy_fields(window, len(timed), mc, p, spec.energy_preset),
         "probe": probe,
         "machine": machine_description(device),
     }

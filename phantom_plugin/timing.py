@@ -1,0 +1,121 @@
+"""A step-time model: the work of one training step of a TP or phantom FFN as a list of terms
+(GEMMs of exact shapes, pointwise passes, the optimizer, collectives), and their sum once each
+term has a measured time.
+
+The terms follow the code, not the paper's idealisation: :mod:`phantom_plugin.ops` for phantom
+(ghost, local and decompression GEMMs forward; six GEMMs backward, two of them skipped for the
+first layer, whose input needs no grad) and megatron-core's ``ColumnParallelLinear`` /
+``RowParallelLinear`` for TP (which computes the input grad of the first layer too). Messages come
+from :mod:`phantom_plugin.cost`, so bytes are the ones the byte counter measures. Times per term
+come from :mod:`phantom_plugin.bench.calibrate` (``phantom-plan --calibrate``).
+
+Communication is added, not overlapped: on the 2-core CPU machine the ghost exchange does not
+hide behind the GEMMs (the README's A/B measurement), and megatron's async input-grad all-reduce
+has no spare core either. Leaf module: torch-free.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Union
+
+from . import cost
+
+__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Term", "step_terms", "predict"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemm:
+    """``out [m, n] = A [m, k] @ B [k, n]``; ``a_t`` / ``b_t``: the operand is a transposed view."""
+    m: int
+    k: int
+    n: int
+    a_t: bool = False
+    b_t: bool = False
+
+    @property
+    def macs(self) -> int:
+        return self.m * self.k * self.n
+
+
+@dataclasses.dataclass(frozen=True)
+class Pointwise:
+    """An elementwise pass over ``[rows, cols]``: ``"act"`` (activation forward and backward),
+    ``"bias_grad"`` (sum over rows), ``"loss"`` (MSE forward and backward)."""
+    kind: str
+    rows: int
+    cols: int
+    activation: str = "gelu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """One fused Adam step over ``numel`` parameters of this rank."""
+    numel: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective as :class:`cost.Message` counts it: ``op`` over ``values`` (gathered or
+    reduced) on ``p`` ranks, ``bytes_sent`` by this rank."""
+    op: str
+    values: int
+    p: int
+    bytes_sent: int
+
+
+Term = Union[Gemm, Pointwise, Optimizer, Collective]
+
+
+def _phantom_layer(b: int, mi: int, mo: int, k: int, p: int, first: bool) -> list[Term]:
+    if p == 1:
+        fwd = [Gemm(b, mi, mo, b_t=True)]
+        return fwd + [Gemm(mo, b, mi, a_t=True)] + ([] if first else [Gemm(b, mo, mi)])
+    r = (p - 1) * k
+    terms = [Gemm(b, mi, k, b_t=True), Gemm(b, mi, mo, b_t=True), Gemm(b, r, mo, b_t=True),   # forward
+             Gemm(b, mo, r), Gemm(mo, b, mi, a_t=True), Gemm(r, b, mo, a_t=True), Gemm(k, b, mi, a_t=True)]
+    if not first:
+        terms += [Gemm(b, mo, mi), Gemm(b, k, mi)]                      # dx = dy L + dg C
+    return terms
+
+
+def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int = 0,
+               activation: str = "gelu", dtype: str = "fp32") -> collections.Counter:
+    """The terms of one training step on one rank, with multiplicities (``Counter[Term, int]``)."""
+    if mode not in ("tp", "phantom"):
+        raise ValueError(f"step_terms: mode must be 'tp' or 'phantom', got {mode!r}")
+    elt = cost.DTYPE_BYTES[dtype]
+    n, b, m = width, batch, width // p
+    terms: collections.Counter = collections.Counter()
+    if mode == "phantom":
+        c = cost.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=elt)
+        for l in range(depth):
+            terms.update(_phantom_layer(b, m, m, k, p, first=l == 0))
+            terms[Pointwise("bias_grad", b, m)] += 1
+            if l < depth - 1:
+                terms[Pointwise("act", b, m, activation)] += 1
+    else:
+        c = cost.tp_ffn_cost(width, depth, p=p, batch=batch, dtype_bytes=elt)
+        for l in range(depth):
+            if l % 2 == 0:      # column: W [n/p, n]; megatron computes dX for the first layer too
+                terms.update([Gemm(b, n, m, b_t=True), Gemm(m, b, n, a_t=True), Gemm(b, m, n)])
+                out = m
+            else:               # row: W [n, n/p]
+                terms.update([Gemm(b, m, n, b_t=True), Gemm(n, b, m, a_t=True), Gemm(b, n, m)])
+                out = n
+            terms[Pointwise("bias_grad", b, out)] += 1
+            if l < depth - 1:
+                terms[Pointwise("act", b, out, activation)] += 1
+    terms[Pointwise("loss", b, n)] += 1
+    terms[Optimizer(c.params_per_rank)] += 1
+    for msg in c.messages:
+        terms[Collective(msg.op, msg.values, p, msg.bytes_sent)] += 1
+    return terms
+
+
+def predict(terms: collections.Counter, seconds: dict) -> dict:
+    """Predicted step time from measured ``seconds[term]``: the total and its parts by kind."""
+    parts = collections.Counter()
+    for term, count in terms.items():
+        parts[type(term).__name__.lower()] += count * seconds[term]
+    return {"step_time_s": sum(parts.values()), "parts_s": dict(parts)}
