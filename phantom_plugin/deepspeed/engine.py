@@ -20,7 +20,8 @@ after the previous succeeded on this rank):
 6. fit ``train_batch_size`` to the data-parallel size when it was computed from the whole world
    (Hugging Face's ``micro x accumulation x world``), then ``deepspeed.initialize(..., mpu=...)``;
    attach ``engine.phantom`` (a :class:`PhantomRun`) and, with ``log_interval > 0``, the monitor
-   :class:`StepLogger`.
+   :class:`StepLogger`; wrap ``engine.save_checkpoint`` / ``load_checkpoint`` so that a
+   checkpoint carries its phantom layout and loads only at that layout (:mod:`.checkpoint`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from torch import nn
 from .. import comm
 from ..convert import Conversion, PhantomEdgeLinear, check_convertible, convert_modules
 from .config import PhantomConfigError, PhantomParallelConfig, check_run, load_ds_config, load_section
+from .checkpoint import attach as attach_checkpoints
 from .config import world_size_from_env
 from .groups import PhantomGroups, PhantomMPU, build_groups
 from .monitor import StepLogger
@@ -201,6 +203,7 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
     if cfg.log_interval > 0:
         run.logger = StepLogger(engine, cfg.log_interval)
     engine.phantom = run
+    attach_checkpoints(engine, run)
     if engine.global_rank == 0:
         log.info(run.describe())
         print(run.describe(), flush=True)
