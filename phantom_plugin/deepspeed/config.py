@@ -135,10 +135,12 @@ def check_run(cfg: PhantomParallelConfig, ds: dict, world_size: int, *, pipeline
     if (ds.get("tensor_parallel") or {}).get("autotp_size", 0) not in (0, 1):
         errors.append(f"tensor_parallel.autotp_size: AutoTP and {SECTION} both shard the model; "
                       "remove one of the two sections")
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        errors.append(f"zero_optimization.stage: {stage} is not supported with {SECTION} "
-                      "(ZeRO-3 gathers parameters the phantom layers keep sharded); use 0, 1 or 2")
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        errors.append(f"zero_optimization.stage: {stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if stage == 3:
+        errors += _zero3_errors(zero, pipeline)
     if pipeline:
         pipe = ds.get("pipeline") or {}
         for key in ("pipe_partitioned", "grad_partitioned"):
@@ -149,3 +151,36 @@ def check_run(cfg: PhantomParallelConfig, ds: dict, world_size: int, *, pipeline
                               f"({SECTION} turns it off)")
     if errors:
         raise PhantomConfigError("invalid DeepSpeed config for phantom parallelism:\n" + "\n".join(errors))
+
+
+_ZERO3_UNSUPPORTED = {
+    "offload_param": ("parameter offload moves the phantom layers' parameters off the device "
+                      "between uses, which their collectives do not fetch back; remove it (keep "
+                      "offload_optimizer if you need memory)"),
+    "zero_quantized_weights": ("quantized weight gathers round the phantom blocks the SVD made "
+                               "exact; remove it or set it to false"),
+    "zero_hpz_partition_size": ("hierarchical partitioning (ZeRO++ hpZ) builds its own secondary "
+                                "groups over the whole world, not over the data-parallel group; "
+                                "remove it or set it to 1"),
+    "mics_shard_size": ("MiCS shards over its own groups, not over the data-parallel group; remove "
+                        "it or set it to -1"),
+}
+
+
+def _zero3_errors(zero: dict, pipeline: bool) -> list[str]:
+    """The ZeRO-3 options the phantom layers cannot honour (and pipelines, which DeepSpeed refuses)."""
+    errors = []
+    if pipeline:
+        errors.append(f"zero_optimization.stage: 3 with a PipelineModule (DeepSpeed pipelines accept "
+                      "ZeRO-1 only); use stage 0 or 1")
+    for key, why in _ZERO3_UNSUPPORTED.items():
+        value = zero.get(key)
+        off = (value in (None, False, 1) if key == "zero_hpz_partition_size"
+               else value in (None, False, -1) if key == "mics_shard_size"
+               else value in (None, False))
+        if key == "offload_param" and isinstance(value, dict):
+            off = value.get("device", "none") in (None, "none")
+        if not off:
+            errors.append(f"zero_optimization.{key}: {value!r} is not supported with {SECTION} under "
+                          f"ZeRO-3: {why}")
+    return errors

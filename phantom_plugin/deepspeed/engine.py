@@ -12,7 +12,8 @@ after the previous succeeded on this rank):
 3. ``deepspeed.init_distributed``; build the phantom and data groups and a :class:`PhantomMPU`
    (or, for a ``PipelineModule``, take them from its topology and switch off partitioned
    stage-boundary activations);
-4. convert the matching modules (:func:`phantom_plugin.convert.convert_modules`), and remap
+4. a model built under ``deepspeed.zero.Init`` (partitioned over the whole world) is gathered
+   into full parameters first (:mod:`.zero3`); convert the matching modules (:func:`phantom_plugin.convert.convert_modules`), and remap
    ``model_parameters`` and a ready (state-free) optimizer to the converted parameters, each new
    parameter in its old one's group (:mod:`.remap`). A model converted by an earlier call (an
    evaluation or batch-size retry of ``Trainer``) is not converted again: its groups are reused;
@@ -45,6 +46,7 @@ from .monitor import StepLogger
 from .pipe import count_replicated_once, guard_partitioning, pipeline_groups
 from .remap import check_optimizer_fresh, remap_optimizer, remap_parameters
 from .routing import COMM_DTYPES, DeepSpeedRoute
+from .zero3 import is_partitioned, materialize
 
 __all__ = ["initialize", "PhantomRun"]
 
@@ -166,10 +168,12 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         ds = guard_partitioning(ds)
     else:
         _fit_train_batch(ds, world, cfg.size)
+    before = {id(p): n for n, p in model.named_parameters()}
+    if _RUNS.get(model) is None and any(is_partitioned(p) for p in model.parameters()):
+        materialize(model)      # built under zero.Init over the world: full weights first (collective)
     previous = _previous_run(model, cfg)
     if previous is None:
         _check_convertible(model, cfg, pipeline)
-    before = {id(p): n for n, p in model.named_parameters()}
 
     # --- 2. groups, conversion, routing -------------------------------------------------------
     deepspeed.init_distributed(distributed_port=distributed_port,
