@@ -27,6 +27,8 @@ def export_dense(engine) -> nn.Module:
     """The engine's model with every phantom layer replaced by its dense equivalent (collective)."""
     model = getattr(engine, "module", engine)
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    if stage == 3:
+        engine.empty_partition_cache()     # prefetched (in-flight) parameters back to partitions
     restore_dense(model, gather=gathered if stage == 3 else None)
     if stage == 3:
         release(engine)
