@@ -29,8 +29,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import re
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import deepspeed
 from deepspeed.runtime.pipe.module import PipelineModule
@@ -38,7 +39,7 @@ from torch import nn
 
 from .. import comm
 from ..convert import Conversion, PhantomEdgeLinear, check_convertible, convert_modules
-from .config import PhantomConfigError, PhantomParallelConfig, check_run, load_ds_config, load_section
+from .config import PhantomConfigError, PhantomParallelConfig, autotp_patterns, check_run, load_ds_config, load_section
 from .checkpoint import attach as attach_checkpoints
 from .config import world_size_from_env
 from .groups import PhantomGroups, PhantomMPU, build_groups
@@ -173,7 +174,7 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         materialize(model)      # built under zero.Init over the world: full weights first (collective)
     previous = _previous_run(model, cfg)
     if previous is None:
-        _check_convertible(model, cfg, pipeline)
+        _check_convertible(model, cfg, pipeline, autotp_patterns(ds))
 
     # --- 2. groups, conversion, routing -------------------------------------------------------
     deepspeed.init_distributed(distributed_port=distributed_port,
@@ -221,12 +222,22 @@ def _convert(model: nn.Module, cfg: PhantomParallelConfig, groups: PhantomGroups
                            seed=cfg.seed, warn_unmatched=not pipeline)
 
 
-def _check_convertible(model: nn.Module, cfg: PhantomParallelConfig, pipeline: bool) -> None:
-    """Every layout and size error, and "nothing matched", before any process group exists."""
+def _check_convertible(model: nn.Module, cfg: PhantomParallelConfig, pipeline: bool,
+                       autotp: Sequence[str] = ()) -> None:
+    """Every layout and size error, "nothing matched", and AutoTP patterns that would shard a
+    phantom MLP, before any process group exists."""
     try:
         names = check_convertible(model, cfg.target_modules, size=cfg.size, ghost_dim=cfg.ghost_neurons)
     except ValueError as e:
         raise PhantomConfigError(f"phantom_parallel.target_modules: {e}") from None
+    for pname, _ in model.named_parameters():
+        if any(pname.startswith(n + ".") for n in names):
+            hit = [pat for pat in autotp if re.search(pat, pname)]
+            if hit:
+                raise PhantomConfigError(
+                    f"tensor_parallel.partition_config: pattern {hit[0]!r} matches '{pname}', a "
+                    f"layer of the phantom MLP '{next(n for n in names if pname.startswith(n + '.'))}'"
+                    "; AutoTP must shard attention only: drop the MLP layers from its layer_specs")
     if not names and not pipeline:
         raise PhantomConfigError(
             f"phantom_parallel.target_modules: {cfg.target_modules} matches no module of "
