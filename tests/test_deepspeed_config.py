@@ -69,7 +69,8 @@ def test_unknown_key_and_missing_required():
 
 @pytest.mark.parametrize("ds, world, pipeline, text", [
     (_ds(size=4), 6, False, "phantom_parallel.size: size=4 does not divide the 6 ranks"),
-    ({**_ds(), "tensor_parallel": {"autotp_size": 2}}, 4, False, "tensor_parallel.autotp_size"),
+    ({**_ds(), "tensor_parallel": {"autotp_size": 4}}, 4, False, "tensor_parallel.autotp_size: 4 differs"),
+    ({**_ds(), "tensor_parallel": {"autotp_size": 2}}, 4, False, "tensor_parallel.partition_config"),
     ({**_ds(), "zero_optimization": {"stage": 4}}, 4, False, "zero_optimization.stage: 4 is not a ZeRO stage"),
     ({**_ds(), "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, 4, False,
      "zero_optimization.offload_param: {'device': 'cpu'} is not supported"),
