@@ -203,6 +203,7 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         mpu=ds_mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds,
         mesh_param=mesh_param)
     engine = out[0]
+    _check_autotp_groups(engine, groups)
     run = PhantomRun(cfg, groups, conversions)
     _RUNS[model] = run
     if cfg.log_interval > 0:
@@ -213,6 +214,20 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         log.info(run.describe())
         print(run.describe(), flush=True)
     return out
+
+
+def _check_autotp_groups(engine, groups: PhantomGroups) -> None:
+    """AutoTP replaced the ``mpu`` with its own groups: its tensor group must be the phantom group."""
+    mpu = getattr(engine, "mpu", None)
+    if mpu is None or isinstance(mpu, PhantomMPU) or not hasattr(mpu, "get_tensor_model_parallel_group"):
+        return
+    import torch.distributed as dist
+    tp = tuple(dist.get_process_group_ranks(mpu.get_tensor_model_parallel_group()))
+    if tp != tuple(groups.phantom_ranks):
+        raise PhantomConfigError(
+            f"tensor_parallel.autotp_size: AutoTP built the tensor group {list(tp)}, but the phantom "
+            f"group of this rank is {list(groups.phantom_ranks)}; both must be the same ranks "
+            "(consecutive, size ranks each): set autotp_size equal to phantom_parallel.size")
 
 
 def _convert(model: nn.Module, cfg: PhantomParallelConfig, groups: PhantomGroups,
