@@ -75,7 +75,7 @@ def _show(layout: dict) -> str:
     return f"{SECTION}.size={layout['size']}, ghost_neurons={layout['ghost_neurons']}"
 
 
-_FIX = ("a phantom checkpoint loads only at the layout it was saved with. To continue at another "
+_FIX = ("A phantom checkpoint loads only at the layout it was saved with. To continue at another "
         "size or ghost_neurons: load it with the saved section, call "
         "phantom_plugin.deepspeed.export_dense(engine) (the exact dense model; save_pretrained / "
         "torch.save it), then start the new run from that dense model with the new section")

@@ -152,9 +152,9 @@ def check_run(cfg: PhantomParallelConfig, ds: dict, world_size: int, *, pipeline
 
 
 _ZERO3_UNSUPPORTED = {
-    "offload_param": ("parameter offload moves the phantom layers' parameters off the device "
-                      "between uses, which their collectives do not fetch back; remove it (keep "
-                      "offload_optimizer if you need memory)"),
+    "offload_param": ("parameter offload moves parameters to the host between uses, and the "
+                      "phantom layers' autograd functions keep their parameter tensors for the "
+                      "backward pass (untested, so refused); remove it"),
     "zero_quantized_weights": ("quantized weight gathers round the phantom blocks the SVD made "
                                "exact; remove it or set it to false"),
     "zero_hpz_partition_size": ("hierarchical partitioning (ZeRO++ hpZ) builds its own secondary "
