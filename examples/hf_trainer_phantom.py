@@ -1,6 +1,7 @@
 """Train a small Llama with the Hugging Face ``Trainer`` and DeepSpeed; phantom MLPs come from the config alone.
 
     deepspeed --num_gpus 2 examples/hf_trainer_phantom.py --deepspeed ds_configs/hf_phantom_zero2.json
+    deepspeed --num_gpus 4 examples/hf_trainer_phantom.py --deepspeed ds_configs/hf_phantom_zero3.json
 
 A stock ``Trainer`` script: it never imports ``phantom_plugin`` to train. With the plugin
 installed (``pip install phantom_plugin`` or ``pip install -e .``), the ``"phantom_parallel"``

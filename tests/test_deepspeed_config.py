@@ -69,8 +69,18 @@ def test_unknown_key_and_missing_required():
 
 @pytest.mark.parametrize("ds, world, pipeline, text", [
     (_ds(size=4), 6, False, "phantom_parallel.size: size=4 does not divide the 6 ranks"),
-    ({**_ds(), "tensor_parallel": {"autotp_size": 2}}, 4, False, "tensor_parallel.autotp_size"),
-    ({**_ds(), "zero_optimization": {"stage": 3}}, 4, False, "zero_optimization.stage: 3"),
+    ({**_ds(), "tensor_parallel": {"autotp_size": 4}}, 4, False, "tensor_parallel.autotp_size: 4 differs"),
+    ({**_ds(), "tensor_parallel": {"autotp_size": 2}}, 4, False, "tensor_parallel.partition_config"),
+    ({**_ds(), "zero_optimization": {"stage": 4}}, 4, False, "zero_optimization.stage: 4 is not a ZeRO stage"),
+    ({**_ds(), "zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, 4, False,
+     "zero_optimization.offload_param: {'device': 'cpu'} is not supported"),
+    ({**_ds(), "zero_optimization": {"stage": 3, "zero_quantized_weights": True}}, 4, False,
+     "zero_optimization.zero_quantized_weights: True is not supported"),
+    ({**_ds(), "zero_optimization": {"stage": 3, "zero_hpz_partition_size": 2}}, 4, False,
+     "zero_optimization.zero_hpz_partition_size: 2"),
+    ({**_ds(), "zero_optimization": {"stage": 3, "mics_shard_size": 2}}, 4, False,
+     "zero_optimization.mics_shard_size: 2"),
+    ({**_ds(), "zero_optimization": {"stage": 3}}, 4, True, "zero_optimization.stage: 3 with a PipelineModule"),
     ({**_ds(), "pipeline": {"pipe_partitioned": True}}, 4, True, "pipeline.pipe_partitioned: true"),
     ({**_ds(), "pipeline": {"grad_partitioned": True}}, 4, True, "pipeline.grad_partitioned: true"),
     (_ds(), 4, True, "pipeline stages x size = 4 x 2"),
@@ -78,6 +88,13 @@ def test_unknown_key_and_missing_required():
 def test_run_checks(ds, world, pipeline, text):
     with pytest.raises(PhantomConfigError, match=re.escape(text)):
         check_run(load_section(ds), ds, world, pipeline=pipeline, pipe_stages=4 if "stages" in text else 1)
+
+
+@pytest.mark.parametrize("zero", [{"stage": 3}, {"stage": 3, "offload_param": {"device": "none"}},
+                                  {"stage": 3, "offload_optimizer": {"device": "cpu"}, "mics_shard_size": -1}])
+def test_zero3_accepted(zero):
+    ds = {**_ds(), "zero_optimization": zero}
+    check_run(load_section(ds), ds, 4, pipeline=False)
 
 
 def _mlp():

@@ -32,6 +32,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CONFIG = ROOT / "ds_configs/hf_phantom_zero2.json"
+CONFIG3 = ROOT / "ds_configs/hf_phantom_zero3.json"
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -50,7 +51,7 @@ def _run(tmp_path, n: int, extra: list[str]) -> list[dict]:
     return res
 
 
-def _common_checks(r: dict, dp: int) -> None:
+def _common_checks(r: dict, dp: int, reinit: bool = True) -> None:
     assert r["plugin_imported_by_script"] is False
     assert r["mlp_types"] == ["PhantomEdgeLinear"], r["mlp_types"]
     assert r["converted"] == ["model.layers.0.mlp", "model.layers.1.mlp"]
@@ -60,7 +61,7 @@ def _common_checks(r: dict, dp: int) -> None:
     assert r["losses"][-1] < r["losses"][0]
     assert len(set(r["batches"])) > 1
     assert r["trained_all"] is True
-    assert r["reinit_same_layers"] is True
+    assert not reinit or r["reinit_same_layers"] is True
     assert r["export_types"] == ["Linear"]
     assert r["export_err"] < 1e-5 and r["reload_err"] < 1e-5, (r["export_err"], r["reload_err"])
     assert r["config_diff"] == {}, r["config_diff"]
@@ -87,6 +88,18 @@ def test_trainer_phantom_2_x_data_2_with_config_optimizer(tmp_path):
     assert b[0] == b[1] and b[2] == b[3] and b[0] != b[2]
 
 
+def test_trainer_zero3_from_pretrained_trains_and_exports_dense(tmp_path):
+    """ZeRO-3 (``ds_configs/hf_phantom_zero3.json``), the Llama loaded with ``from_pretrained``
+    after ``TrainingArguments`` -- so inside ``zero.Init`` over the whole world -- converted from
+    its gathered weights (exact at step 0), trained, exported (partitions gathered) exactly."""
+    res = _run(tmp_path, 2, ["--zero3"])
+    for r in res:
+        assert r["zero_init"] is True
+        _common_checks(r, dp=1, reinit=False)
+        assert r["stage"] == 3
+    assert res[0]["batches"] == res[1]["batches"]
+
+
 # ============================== rank side (under the launcher) ==============================
 
 def _logits(model, ids):
@@ -99,11 +112,17 @@ def _logits(model, ids):
     return y
 
 
+def _local(p):
+    """This rank's values of ``p`` (its ZeRO-3 partition when partitioned)."""
+    return getattr(p, "ds_tensor", p).detach()
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
     ap.add_argument("--optimizer_section", action="store_true")
+    ap.add_argument("--zero3", action="store_true")
     cli = ap.parse_args()
     out: dict = {"plugin_imported_by_script": any(m == "phantom_plugin" or m.startswith("phantom_plugin.")
                                                   for m in sys.modules)}
@@ -115,7 +134,7 @@ def _main() -> None:
     import hf_trainer_phantom as ex
     torch.set_num_threads(1)
     tmp = Path(cli.out)
-    config = str(CONFIG)
+    config = str(CONFIG3 if cli.zero3 else CONFIG)
     if cli.optimizer_section:           # Trainer then builds a DummyOptim; "auto" filled by HF
         ds = json.loads(CONFIG.read_text())
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
@@ -126,6 +145,12 @@ def _main() -> None:
                               output_dir=str(tmp / "out"))
     model = ex.build_model()
     dense = copy.deepcopy(model)
+    if cli.zero3:
+        model.save_pretrained(tmp / f"init{os.environ['RANK']}")
+    targs = ex.training_args(args)      # under ZeRO-3 from here on from_pretrained uses zero.Init
+    if cli.zero3:
+        model = LlamaForCausalLM.from_pretrained(tmp / f"init{os.environ['RANK']}")
+        out["zero_init"] = all(hasattr(p, "ds_id") for p in model.parameters())
     probe = ex.Progressions(3, seed=99).ids
     dense_logits = _logits(dense, probe)
     batches: list = []
@@ -140,10 +165,10 @@ def _main() -> None:
                                        if n.endswith(("mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"))})
             y = _logits(model, probe)
             out["step0_err"] = float((y - dense_logits).abs().max() / dense_logits.abs().max())
-            start.update({n: p.detach().clone() for n, p in model.named_parameters()})
+            start.update({n: _local(p).clone() for n, p in model.named_parameters()})
 
     dataset = ex.Progressions(256)
-    trainer = Trainer(model=model, args=ex.training_args(args), train_dataset=dataset, callbacks=[Record()])
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, callbacks=[Record()])
     trainer.train()
     engine = trainer.model_wrapped
     out["converted"] = [c.name for c in engine.phantom.conversions]
@@ -154,23 +179,26 @@ def _main() -> None:
     out["train_batch_size"], out["dp"] = engine.train_batch_size(), engine.dp_world_size
     names = {id(p): n for n, p in model.named_parameters()}
     decay_of: dict = {}
-    for params, group in zip(engine.optimizer.bit16_groups, engine.optimizer.optimizer.param_groups):
+    out["stage"] = engine.zero_optimization_stage()
+    bit16 = getattr(engine.optimizer, "bit16_groups", None) or engine.optimizer.fp16_groups
+    for params, group in zip(bit16, engine.optimizer.optimizer.param_groups):
         for p in params:
             kind = names[id(p)].rsplit(".", 1)[-1] if ".mlp." in names[id(p)] else (
                 "norm" if "norm" in names[id(p)] else "other")
             decay_of.setdefault(kind, set()).add(group["weight_decay"])
     out["decay_of"] = {k: sorted(v) for k, v in decay_of.items()}
-    out["trained_all"] = all(not torch.equal(p.detach(), start[n]) for n, p in model.named_parameters()
+    out["trained_all"] = all(not torch.equal(_local(p), start[n]) for n, p in model.named_parameters()
                              if ".mlp." in n)
 
     # an evaluation / batch-size retry calls deepspeed.initialize again: nothing is converted twice
-    layers = [id(m) for m in model.modules()]
-    cfg = copy.deepcopy(trainer.accelerator.deepspeed_config)
-    cfg["zero_optimization"] = {"stage": 0}
-    cfg.pop("optimizer", None)
-    engine2, *_ = deepspeed.initialize(model=model, config=cfg)
-    out["reinit_same_layers"] = ([id(m) for m in model.modules()] == layers
-                                 and engine2.phantom.conversions is engine.phantom.conversions)
+    if not cli.zero3:       # (a ZeRO-0 engine over the ZeRO-3 one's partitioned parameters: no)
+        layers = [id(m) for m in model.modules()]
+        cfg = copy.deepcopy(trainer.accelerator.deepspeed_config)
+        cfg["zero_optimization"] = {"stage": 0}
+        cfg.pop("optimizer", None)
+        engine2, *_ = deepspeed.initialize(model=model, config=cfg)
+        out["reinit_same_layers"] = ([id(m) for m in model.modules()] == layers
+                                     and engine2.phantom.conversions is engine.phantom.conversions)
 
     phantom_logits = _logits(model, probe)
     config_before = model.config.to_dict()       # as Trainer left it (it sets use_cache=False)
@@ -186,6 +214,8 @@ def _main() -> None:
     if dist.get_rank() == 0:
         exported.save_pretrained(tmp / "dense")
     dist.barrier()
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    unset_hf_deepspeed_config()             # a plain (not zero.Init) load to compare with
     back = LlamaForCausalLM.from_pretrained(tmp / "dense")
     out["reload_err"] = float((_logits(back, probe) - phantom_logits).abs().max() / scale)
     out["rank"] = dist.get_rank()

@@ -407,6 +407,7 @@ def _main() -> None:
     out["plugin_imported_before"] = plugin_imported_before
     {"two": _case_two, "zero": _case_zero, "pipe": _case_pipe, "flag": _case_flag}[args.case](out, tmp)
     out["rank"] = dist.get_rank()
+    out["node"] = os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK"))     # torchrun / deepspeed
     (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
 
 

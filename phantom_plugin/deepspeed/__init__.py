@@ -11,7 +11,8 @@ Modules: :mod:`.config` (the validated section), :mod:`.groups` (phantom x data 
 :mod:`.engine` (``initialize``), :mod:`.remap` (optimizers built before conversion),
 :mod:`.export` (``export_dense``), :mod:`.hf` (Accelerate's data sharding), :mod:`.pipe`
 (``PipelineModule`` topology and boundary guard), :mod:`.routing` (collectives through
-``deepspeed.comm``), :mod:`.monitor` (monitor events). Importing this package imports deepspeed;
+``deepspeed.comm``), :mod:`.monitor` (monitor events), :mod:`.checkpoint` (the layout a
+checkpoint carries and its check), :mod:`.zero3` (``zero.Init`` models, ZeRO-3 export). Importing this package imports deepspeed;
 the core package never does.
 """
 import deepspeed as _deepspeed

@@ -132,13 +132,13 @@ def check_run(cfg: PhantomParallelConfig, ds: dict, world_size: int, *, pipeline
         what = f"pipeline stages x size = {pipe_stages} x {cfg.size}" if pipeline else f"size={cfg.size}"
         errors.append(f"{SECTION}.size: {what} does not divide the {world_size} ranks; choose a size "
                       f"that divides {ranks}")
-    if (ds.get("tensor_parallel") or {}).get("autotp_size", 0) not in (0, 1):
-        errors.append(f"tensor_parallel.autotp_size: AutoTP and {SECTION} both shard the model; "
-                      "remove one of the two sections")
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage not in (0, 1, 2):
-        errors.append(f"zero_optimization.stage: {stage} is not supported with {SECTION} "
-                      "(ZeRO-3 gathers parameters the phantom layers keep sharded); use 0, 1 or 2")
+    errors += _autotp_errors(cfg, ds.get("tensor_parallel") or {}, pipeline)
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        errors.append(f"zero_optimization.stage: {stage!r} is not a ZeRO stage; use 0, 1, 2 or 3")
+    if stage == 3:
+        errors += _zero3_errors(zero, pipeline)
     if pipeline:
         pipe = ds.get("pipeline") or {}
         for key in ("pipe_partitioned", "grad_partitioned"):
@@ -149,3 +149,74 @@ def check_run(cfg: PhantomParallelConfig, ds: dict, world_size: int, *, pipeline
                               f"({SECTION} turns it off)")
     if errors:
         raise PhantomConfigError("invalid DeepSpeed config for phantom parallelism:\n" + "\n".join(errors))
+
+
+_ZERO3_UNSUPPORTED = {
+    "offload_param": ("parameter offload moves parameters to the host between uses, and the "
+                      "phantom layers' autograd functions keep their parameter tensors for the "
+                      "backward pass (untested, so refused); remove it"),
+    "zero_quantized_weights": ("quantized weight gathers round the phantom blocks the SVD made "
+                               "exact; remove it or set it to false"),
+    "zero_hpz_partition_size": ("hierarchical partitioning (ZeRO++ hpZ) builds its own secondary "
+                                "groups over the whole world, not over the data-parallel group; "
+                                "remove it or set it to 1"),
+    "mics_shard_size": ("MiCS shards over its own groups, not over the data-parallel group; remove "
+                        "it or set it to -1"),
+}
+
+
+def _zero3_errors(zero: dict, pipeline: bool) -> list[str]:
+    """The ZeRO-3 options the phantom layers cannot honour (and pipelines, which DeepSpeed refuses)."""
+    errors = []
+    if pipeline:
+        errors.append(f"zero_optimization.stage: 3 with a PipelineModule (DeepSpeed pipelines accept "
+                      "ZeRO-1 only); use stage 0 or 1")
+    for key, why in _ZERO3_UNSUPPORTED.items():
+        value = zero.get(key)
+        off = (value in (None, False, 1) if key == "zero_hpz_partition_size"
+               else value in (None, False, -1) if key == "mics_shard_size"
+               else value in (None, False))
+        if key == "offload_param" and isinstance(value, dict):
+            off = value.get("device", "none") in (None, "none")
+        if not off:
+            errors.append(f"zero_optimization.{key}: {value!r} is not supported with {SECTION} under "
+                          f"ZeRO-3: {why}")
+    return errors
+
+
+ATTENTION_ONLY = {"use_default_specs": False, "layer_specs": [
+    {"patterns": [".*\\.o_proj\\.weight$"], "partition_type": "row"},
+    {"patterns": [".*\\.[qkv]_proj\\.weight$"], "partition_type": "column"}]}
+"""A ``tensor_parallel.partition_config`` that shards only Llama-style attention (q/k/v column, o row)."""
+
+
+def _autotp_errors(cfg: PhantomParallelConfig, tp: dict, pipeline: bool) -> list[str]:
+    """AutoTP next to phantom MLPs: same size, attention only (an explicit ``partition_config``)."""
+    size = tp.get("autotp_size", 0)
+    if size in (0, 1, None):
+        return []
+    errors = []
+    if pipeline:
+        errors.append(f"tensor_parallel.autotp_size: AutoTP with a PipelineModule is not supported by "
+                      "DeepSpeed; remove the tensor_parallel section")
+    if size != cfg.size:
+        errors.append(f"tensor_parallel.autotp_size: {size} differs from {SECTION}.size={cfg.size}; "
+                      "AutoTP attention and phantom MLPs share one group of ranks: set both to the "
+                      "same value")
+    pc = tp.get("partition_config")
+    if not isinstance(pc, dict) or pc.get("use_default_specs", True) is not False or not pc.get("layer_specs"):
+        errors.append(f"tensor_parallel.partition_config: with {SECTION}, AutoTP must be told to shard "
+                      "attention only (its default specs and the model's own tp_plan shard the MLP "
+                      "too); give \"partition_config\": {\"use_default_specs\": false, \"layer_specs\": "
+                      "[...]} naming only attention layers, e.g. "
+                      + json.dumps(ATTENTION_ONLY))
+    return errors
+
+
+def autotp_patterns(ds: dict) -> list[str]:
+    """Every weight-name pattern of the config's AutoTP ``partition_config`` (``[]`` without AutoTP)."""
+    tp = ds.get("tensor_parallel") or {}
+    if tp.get("autotp_size", 0) in (0, 1, None):
+        return []
+    specs = (tp.get("partition_config") or {}).get("layer_specs") or []
+    return [p for spec in specs for p in (spec.get("patterns") or [])]

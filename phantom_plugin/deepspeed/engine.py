@@ -12,7 +12,8 @@ after the previous succeeded on this rank):
 3. ``deepspeed.init_distributed``; build the phantom and data groups and a :class:`PhantomMPU`
    (or, for a ``PipelineModule``, take them from its topology and switch off partitioned
    stage-boundary activations);
-4. convert the matching modules (:func:`phantom_plugin.convert.convert_modules`), and remap
+4. a model built under ``deepspeed.zero.Init`` (partitioned over the whole world) is gathered
+   into full parameters first (:mod:`.zero3`); convert the matching modules (:func:`phantom_plugin.convert.convert_modules`), and remap
    ``model_parameters`` and a ready (state-free) optimizer to the converted parameters, each new
    parameter in its old one's group (:mod:`.remap`). A model converted by an earlier call (an
    evaluation or batch-size retry of ``Trainer``) is not converted again: its groups are reused;
@@ -20,15 +21,17 @@ after the previous succeeded on this rank):
 6. fit ``train_batch_size`` to the data-parallel size when it was computed from the whole world
    (Hugging Face's ``micro x accumulation x world``), then ``deepspeed.initialize(..., mpu=...)``;
    attach ``engine.phantom`` (a :class:`PhantomRun`) and, with ``log_interval > 0``, the monitor
-   :class:`StepLogger`.
+   :class:`StepLogger`; wrap ``engine.save_checkpoint`` / ``load_checkpoint`` so that a
+   checkpoint carries its phantom layout and loads only at that layout (:mod:`.checkpoint`).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
+import re
 import weakref
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import deepspeed
 from deepspeed.runtime.pipe.module import PipelineModule
@@ -36,13 +39,15 @@ from torch import nn
 
 from .. import comm
 from ..convert import Conversion, PhantomEdgeLinear, check_convertible, convert_modules
-from .config import PhantomConfigError, PhantomParallelConfig, check_run, load_ds_config, load_section
+from .config import PhantomConfigError, PhantomParallelConfig, autotp_patterns, check_run, load_ds_config, load_section
+from .checkpoint import attach as attach_checkpoints
 from .config import world_size_from_env
 from .groups import PhantomGroups, PhantomMPU, build_groups
 from .monitor import StepLogger
 from .pipe import count_replicated_once, guard_partitioning, pipeline_groups
 from .remap import check_optimizer_fresh, remap_optimizer, remap_parameters
 from .routing import COMM_DTYPES, DeepSpeedRoute
+from .zero3 import is_partitioned, materialize
 
 __all__ = ["initialize", "PhantomRun"]
 
@@ -164,10 +169,12 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         ds = guard_partitioning(ds)
     else:
         _fit_train_batch(ds, world, cfg.size)
+    before = {id(p): n for n, p in model.named_parameters()}
+    if _RUNS.get(model) is None and any(is_partitioned(p) for p in model.parameters()):
+        materialize(model)      # built under zero.Init over the world: full weights first (collective)
     previous = _previous_run(model, cfg)
     if previous is None:
-        _check_convertible(model, cfg, pipeline)
-    before = {id(p): n for n, p in model.named_parameters()}
+        _check_convertible(model, cfg, pipeline, autotp_patterns(ds))
 
     # --- 2. groups, conversion, routing -------------------------------------------------------
     deepspeed.init_distributed(distributed_port=distributed_port,
@@ -196,15 +203,31 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         mpu=ds_mpu, dist_init_required=dist_init_required, collate_fn=collate_fn, config=ds,
         mesh_param=mesh_param)
     engine = out[0]
+    _check_autotp_groups(engine, groups)
     run = PhantomRun(cfg, groups, conversions)
     _RUNS[model] = run
     if cfg.log_interval > 0:
         run.logger = StepLogger(engine, cfg.log_interval)
     engine.phantom = run
+    attach_checkpoints(engine, run)
     if engine.global_rank == 0:
         log.info(run.describe())
         print(run.describe(), flush=True)
     return out
+
+
+def _check_autotp_groups(engine, groups: PhantomGroups) -> None:
+    """AutoTP replaced the ``mpu`` with its own groups: its tensor group must be the phantom group."""
+    mpu = getattr(engine, "mpu", None)
+    if mpu is None or isinstance(mpu, PhantomMPU) or not hasattr(mpu, "get_tensor_model_parallel_group"):
+        return
+    import torch.distributed as dist
+    tp = tuple(dist.get_process_group_ranks(mpu.get_tensor_model_parallel_group()))
+    if tp != tuple(groups.phantom_ranks):
+        raise PhantomConfigError(
+            f"tensor_parallel.autotp_size: AutoTP built the tensor group {list(tp)}, but the phantom "
+            f"group of this rank is {list(groups.phantom_ranks)}; both must be the same ranks "
+            "(consecutive, size ranks each): set autotp_size equal to phantom_parallel.size")
 
 
 def _convert(model: nn.Module, cfg: PhantomParallelConfig, groups: PhantomGroups,
@@ -214,12 +237,22 @@ def _convert(model: nn.Module, cfg: PhantomParallelConfig, groups: PhantomGroups
                            seed=cfg.seed, warn_unmatched=not pipeline)
 
 
-def _check_convertible(model: nn.Module, cfg: PhantomParallelConfig, pipeline: bool) -> None:
-    """Every layout and size error, and "nothing matched", before any process group exists."""
+def _check_convertible(model: nn.Module, cfg: PhantomParallelConfig, pipeline: bool,
+                       autotp: Sequence[str] = ()) -> None:
+    """Every layout and size error, "nothing matched", and AutoTP patterns that would shard a
+    phantom MLP, before any process group exists."""
     try:
         names = check_convertible(model, cfg.target_modules, size=cfg.size, ghost_dim=cfg.ghost_neurons)
     except ValueError as e:
         raise PhantomConfigError(f"phantom_parallel.target_modules: {e}") from None
+    for pname, _ in model.named_parameters():
+        if any(pname.startswith(n + ".") for n in names):
+            hit = [pat for pat in autotp if re.search(pat, pname)]
+            if hit:
+                raise PhantomConfigError(
+                    f"tensor_parallel.partition_config: pattern {hit[0]!r} matches '{pname}', a "
+                    f"layer of the phantom MLP '{next(n for n in names if pname.startswith(n + '.'))}'"
+                    "; AutoTP must shard attention only: drop the MLP layers from its layer_specs")
     if not names and not pipeline:
         raise PhantomConfigError(
             f"phantom_parallel.target_modules: {cfg.target_modules} matches no module of "

@@ -5,7 +5,9 @@ type (:func:`phantom_plugin.convert.restore_dense`: ``W[i,j] = D_ij C_j`` in flo
 layer's dtype), identical on every rank, so a Hugging Face model can then be written with
 ``model.save_pretrained(dir)`` on rank 0 and reloaded with ``from_pretrained`` (its config is
 untouched). Under ZeRO 0-2 each rank holds the full, current module parameters, which is all
-the export reads.
+the export reads; under ZeRO-3 each phantom layer's partitions are gathered for its export, then
+every other parameter too, and DeepSpeed's hooks leave the module (:func:`.zero3.release`): the
+model returned is a plain one on every rank.
 
 Call it on every rank once training is over: the engine's optimizer still points at the phantom
 parameters, so the engine cannot train the exported model.
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..convert import restore_dense
 from .engine import forget
+from .zero3 import gathered, release
 
 __all__ = ["export_dense"]
 
@@ -25,9 +28,10 @@ def export_dense(engine) -> nn.Module:
     model = getattr(engine, "module", engine)
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     if stage == 3:
-        raise NotImplementedError("export_dense: ZeRO-3 partitioned parameters are not gathered yet; "
-                                  "use ZeRO 0-2")
-    restore_dense(model)
+        engine.empty_partition_cache()     # prefetched (in-flight) parameters back to partitions
+    restore_dense(model, gather=gathered if stage == 3 else None)
+    if stage == 3:
+        release(engine)
     forget(model)
     if hasattr(engine, "phantom"):
         del engine.phantom

@@ -13,6 +13,9 @@ never returns); ranks are read with ``torch.distributed.get_process_group_ranks`
 from __future__ import annotations
 
 import dataclasses
+import os
+import warnings
+from typing import Optional
 
 import torch.distributed as dist
 
@@ -29,11 +32,29 @@ class PhantomGroups:
     data_ranks: tuple[int, ...]
 
 
+def _ranks_per_node() -> Optional[int]:
+    """Ranks per node as the launcher says (torchrun: ``LOCAL_WORLD_SIZE``, deepspeed: ``LOCAL_SIZE``)."""
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return None
+
+
 def build_groups(size: int) -> PhantomGroups:
-    """Create every phantom and data-parallel group (collective: call on all ranks)."""
+    """Create every phantom and data-parallel group (collective: call on all ranks).
+
+    Launchers number ranks node by node, so consecutive phantom groups stay inside a node
+    whenever ``size`` divides the ranks per node (the phantom collectives are the frequent
+    ones); otherwise a warning says which groups cross nodes.
+    """
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % size:
         raise ValueError(f"phantom_parallel.size={size} does not divide the world size {world}")
+    per_node = _ranks_per_node()
+    if rank == 0 and per_node and per_node < world and per_node % size:
+        warnings.warn(f"phantom_parallel.size={size} does not divide the {per_node} ranks per node: "
+                      "some phantom groups span two nodes (their ghost exchanges then cross the "
+                      f"network); choose a size that divides {per_node}", stacklevel=2)
     phantom = data = None
     for g in range(world // size):
         ranks = list(range(g * size, (g + 1) * size))

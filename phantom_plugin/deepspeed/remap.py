@@ -35,6 +35,13 @@ def _remap_list(params: Iterable, live: set[int], before: dict[int, str],
     return out
 
 
+def _sources(model: nn.Module) -> tuple[set[int], dict[str, list[nn.Parameter]]]:
+    """Live parameter ids; for each old name its replacements (a phantom layer's parameters, or
+    the full parameter that replaced a ZeRO-3 partitioned one of the same name)."""
+    named = dict(model.named_parameters())
+    return {id(p) for p in named.values()}, {**{n: [p] for n, p in named.items()}, **parameter_sources(model)}
+
+
 def remap_parameters(model_parameters, model: nn.Module, before: dict[int, str]):
     """A ``model_parameters`` list (or list of param-group dicts) with replaced parameters swapped.
 
@@ -44,8 +51,7 @@ def remap_parameters(model_parameters, model: nn.Module, before: dict[int, str])
     if model_parameters is None:
         return None
     items = list(model_parameters)
-    live = {id(p) for p in model.parameters()}
-    sources = parameter_sources(model)
+    live, sources = _sources(model)
     if items and isinstance(items[0], dict):
         return [{**g, "params": _remap_list(g["params"], live, before, sources)} for g in items]
     return _remap_list(items, live, before, sources)
@@ -68,7 +74,6 @@ def remap_optimizer(optimizer: Optional[torch.optim.Optimizer], model: nn.Module
     groups = getattr(optimizer, "param_groups", None)
     if not groups:
         return
-    live = {id(p) for p in model.parameters()}
-    sources = parameter_sources(model)
+    live, sources = _sources(model)
     for group in groups:
         group["params"] = _remap_list(group["params"], live, before, sources)

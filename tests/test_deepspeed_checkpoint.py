@@ -1,0 +1,146 @@
+"""``engine.save_checkpoint`` / ``load_checkpoint`` with phantom layers, under the real launcher.
+
+One launch of 4 CPU ranks (phantom 2 x data 2) runs every case, engines one after another:
+
+* ZeRO 0, 1, 2: train 3 steps, save, train 3 more; a fresh engine (fresh model) loads the
+  checkpoint and trains the same 3 steps: the losses are bit-identical;
+* a pipeline (pipe 2 x model 2): the same, with ``train_batch``;
+* a checkpoint loaded at another ``ghost_neurons`` or another phantom size raises an error that
+  names both layouts and ``export_dense``, and the model is untouched.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from test_deepspeed_launcher import WIDTH, _batch, _config, _nets, launch  # noqa: E402
+
+
+def test_resume_is_bit_exact_and_other_layouts_refused(tmp_path):
+    out = launch(4, Path(__file__), ["--out", str(tmp_path)], timeout=600)
+    res = []
+    for r in range(4):
+        f = tmp_path / f"rank{r}.json"
+        assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
+        res.append(json.loads(f.read_text()))
+    for r in res:
+        for stage in ("0", "1", "2", "pipe"):
+            cont, resumed = r["continued"][stage], r["resumed"][stage]
+            assert cont == resumed, (stage, cont, resumed)           # bit-identical
+            assert r["fresh"][stage] != cont, stage                  # the load did something
+        for what, want in (("ghost", ("ghost_neurons=8", "ghost_neurons=3")),
+                           ("size", ("size=2", "size=4"))):
+            msg = r["refused"][what]
+            assert all(w in msg for w in want), (what, msg)
+            assert "export_dense" in msg and "Nothing was loaded" in msg, msg
+            assert r["untouched"][what] is True, what
+    assert (tmp_path / "z1" / "global_step3" / "phantom_parallel.json").exists()
+
+
+# ============================== rank side (under the launcher) ==============================
+
+def _steps(engine, steps, dp_rank):
+    import torch
+    losses = []
+    for step in steps:
+        x, y = _batch(step, dp_rank)
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(float(loss))
+    return losses
+
+
+def _engine(cfg):
+    from phantom_plugin.deepspeed import initialize
+    Net, _ = _nets()
+    model = Net()
+    return initialize(model=model, config=cfg, model_parameters=model.parameters())[0]
+
+
+def _refused(cfg, where) -> tuple[str, bool]:
+    import torch
+    engine = _engine(cfg)
+    before = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    try:
+        engine.load_checkpoint(where)
+        msg = "no error"
+    except ValueError as e:
+        msg = str(e)
+    after = engine.module.state_dict()
+    return msg, all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _pipe_engine(cfg, dense):
+    import torch
+    from deepspeed.pipe import PipelineModule
+    from phantom_plugin.deepspeed import initialize, phantom_topology
+    model = PipelineModule(layers=copy.deepcopy(dense), topology=phantom_topology(cfg, num_stages=2),
+                           partition_method="uniform", loss_fn=torch.nn.functional.mse_loss)
+    return initialize(model=model, config=cfg, model_parameters=model.parameters())[0]
+
+
+def _pipe_steps(engine, steps, gas):
+    return [float(engine.train_batch(data_iter=iter([_batch(s, j) for j in range(gas)]))) for s in steps]
+
+
+def _main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--local_rank", type=int, default=0)
+    args = ap.parse_args()
+    import torch
+    import torch.distributed as dist
+    import deepspeed
+    torch.set_num_threads(1)
+    tmp = Path(args.out)
+    deepspeed.init_distributed()
+    dp_rank = dist.get_rank() // 2
+    out: dict = {"continued": {}, "resumed": {}, "fresh": {}, "refused": {}, "untouched": {}}
+    for stage in (0, 1, 2):
+        cfg = _config(stage=stage)
+        cfg.pop("comms_logger")
+        engine = _engine(cfg)
+        _steps(engine, range(3), dp_rank)
+        engine.save_checkpoint(str(tmp / f"z{stage}"))
+        out["continued"][str(stage)] = _steps(engine, range(3, 6), dp_rank)
+        out["fresh"][str(stage)] = _steps(_engine(cfg), range(3, 6), dp_rank)
+        engine = _engine(cfg)
+        engine.load_checkpoint(str(tmp / f"z{stage}"))
+        out["resumed"][str(stage)] = _steps(engine, range(3, 6), dp_rank)
+
+    cfg = _config(stage=1)
+    cfg.pop("comms_logger")
+    out["refused"]["ghost"], out["untouched"]["ghost"] = _refused(
+        _config(stage=1, ghost_neurons=3), str(tmp / "z1"))
+    out["refused"]["size"], out["untouched"]["size"] = _refused(
+        _config(stage=1, size=4, ghost_neurons=WIDTH // 4), str(tmp / "z1"))
+
+    gas = 2
+    cfg = _config(target_modules=["mlp"])
+    cfg.pop("comms_logger")
+    cfg["gradient_accumulation_steps"] = gas
+    _, layers = _nets()
+    dense = layers()
+    engine = _pipe_engine(cfg, dense)
+    _pipe_steps(engine, range(2), gas)
+    engine.save_checkpoint(str(tmp / "pipe"))
+    out["continued"]["pipe"] = _pipe_steps(engine, range(2, 4), gas)
+    out["fresh"]["pipe"] = _pipe_steps(_pipe_engine(cfg, dense), range(2, 4), gas)
+    engine = _pipe_engine(cfg, dense)
+    engine.load_checkpoint(str(tmp / "pipe"))
+    out["resumed"]["pipe"] = _pipe_steps(engine, range(2, 4), gas)
+
+    out["rank"] = dist.get_rank()
+    (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+
+
+if __name__ == "__main__":
+    _main()
