@@ -9,7 +9,8 @@ first layer, whose input needs no grad) and megatron-core's ``ColumnParallelLine
 from :mod:`phantom_plugin.cost`, so bytes are the ones the byte counter measures. Times per term
 come from :mod:`phantom_plugin.bench.calibrate` (``phantom-plan --calibrate``).
 
-Communication is added, not overlapped: on the 2-core CPU machine the ghost exchange does not
+What the terms leave out (autograd, Python, allocations, edge copies) is one more term,
+:class:`Framework`, measured on a tiny real step. Communication is added, not overlapped: on the 2-core CPU machine the ghost exchange does not
 hide behind the GEMMs (the README's A/B measurement), and megatron's async input-grad all-reduce
 has no spare core either. Leaf module: torch-free.
 """
@@ -21,7 +22,7 @@ from typing import Union
 
 from . import cost
 
-__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Term", "step_terms", "predict"]
+__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Framework", "Term", "step_terms", "predict"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,20 @@ class Collective:
     bytes_sent: int
 
 
-Term = Union[Gemm, Pointwise, Optimizer, Collective]
+@dataclasses.dataclass(frozen=True)
+class Framework:
+    """What a real step costs beyond its terms (autograd, Python, allocations, the copies at the
+    block's edges, launching collectives): measured as a tiny real step of ``mode`` at this
+    ``depth`` and ``p``, less its own terms. Independent of the shapes to first order."""
+    mode: str
+    depth: int
+    p: int
+
+
+# the tiny model whose real step measures Framework: width TINY_WIDTH_PER_RANK * p, k 1, batch TINY_BATCH
+TINY_WIDTH_PER_RANK, TINY_BATCH = 16, 2
+
+Term = Union[Gemm, Pointwise, Optimizer, Collective, Framework]
 
 
 def _phantom_layer(b: int, mi: int, mo: int, k: int, p: int, first: bool) -> list[Term]:
@@ -80,8 +94,9 @@ def _phantom_layer(b: int, mi: int, mo: int, k: int, p: int, first: bool) -> lis
 
 
 def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int = 0,
-               activation: str = "gelu", dtype: str = "fp32") -> collections.Counter:
-    """The terms of one training step on one rank, with multiplicities (``Counter[Term, int]``)."""
+               activation: str = "gelu", dtype: str = "fp32", framework: bool = True) -> collections.Counter:
+    """The terms of one training step on one rank, with multiplicities (``Counter[Term, int]``);
+    ``framework=False`` leaves out the :class:`Framework` term."""
     if mode not in ("tp", "phantom"):
         raise ValueError(f"step_terms: mode must be 'tp' or 'phantom', got {mode!r}")
     elt = cost.DTYPE_BYTES[dtype]
@@ -110,6 +125,8 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
     terms[Optimizer(c.params_per_rank)] += 1
     for msg in c.messages:
         terms[Collective(msg.op, msg.values, p, msg.bytes_sent)] += 1
+    if framework:
+        terms[Framework(mode, depth, p)] += 1
     return terms
 
 

@@ -37,7 +37,7 @@ def test_predict_sums_terms_by_kind():
     secs = {t: 1e-3 for t in terms}
     out = timing.predict(terms, secs)
     assert out["step_time_s"] == pytest.approx(1e-3 * sum(terms.values()))
-    assert set(out["parts_s"]) == {"gemm", "pointwise", "optimizer", "collective"}
+    assert set(out["parts_s"]) == {"gemm", "pointwise", "optimizer", "collective", "framework"}
 
 
 def test_plan_calibrate_json(capsys):
@@ -48,7 +48,7 @@ def test_plan_calibrate_json(capsys):
     assert t["tp"] > 0 and t["phantom"] > 0 and doc["ratio"] == pytest.approx(t["phantom"] / t["tp"])
     for mode in ("tp", "phantom"):
         assert sum(doc["parts_s"][mode].values()) == pytest.approx(t[mode])
-        assert doc["parts_s"][mode]["collective"] > 0
+        assert doc["parts_s"][mode]["collective"] > 0 and doc["parts_s"][mode]["framework"] >= 0
     assert doc["link"]["latency_s"] > 0 and doc["link"]["bandwidth_bytes_per_s"] > 0
     assert doc["modeled"]["phantom"]["params"] == cost.phantom_ffn_cost(64, 3, p=2, k=4, batch=8).params
 

@@ -10,6 +10,7 @@ and bytes per second of the largest message. These collectives are instrumentati
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import comm, timing
-from .runner import _DTYPES, sync
+from .runner import _DTYPES, quiet_third_party, sync
 
 __all__ = ["calibrate_rank"]
 
@@ -86,29 +87,48 @@ def _collective_fn(t: timing.Collective, dtype, device, group):
     return lambda: dist.all_reduce(x, group=group)
 
 
+def _term_time(t, dt, device, group, reps: int) -> float:
+    """Median seconds of one term on this rank (all ranks time it at once)."""
+    if isinstance(t, timing.Framework):
+        return _framework_time(t, dt, device, group, reps)
+    if isinstance(t, timing.Gemm):
+        fn = _gemm_fn(t, dt, device)
+    elif isinstance(t, timing.Pointwise):
+        fn = _pointwise_fn(t, dt, device)
+    elif isinstance(t, timing.Optimizer):
+        fn = _optimizer_fn(t, dt, device)
+    else:
+        fn = _collective_fn(t, dt, device, group)
+    grad = isinstance(t, timing.Pointwise) and t.kind == "act"
+    with torch.set_grad_enabled(grad):
+        return _median_time(fn, device, group, reps)
+
+
+def _framework_time(t: timing.Framework, dt, device, group, reps: int) -> float:
+    """A tiny real training step of ``t.mode`` less the sum of its own terms (at least 0)."""
+    from .runner import RunSpec, build_model, make_optimizer, teacher_batch, train_step
+    width, batch = timing.TINY_WIDTH_PER_RANK * t.p, timing.TINY_BATCH
+    spec = RunSpec(mode=t.mode, width=width, depth=t.depth, ghost_dim=1, batch=batch, steps=2, warmup=1)
+    model = build_model(spec, group, device, dt)
+    opt = make_optimizer(model, 1e-6)
+    x, y = teacher_batch(0, batch, width, 0, device, dt)
+    intercept = comm.intercept_torch_collectives() if t.mode == "tp" else contextlib.nullcontext()
+    with torch.enable_grad(), intercept:
+        step = _median_time(lambda: train_step(model, opt, x, y), device, group, max(reps, 11), warmup=3)
+    tiny = timing.step_terms(t.mode, width, t.depth, p=t.p, batch=batch, k=1, framework=False)
+    own = sum(c * _term_time(term, dt, device, group, reps) for term, c in tiny.items())
+    return max(0.0, step - own)
+
+
 def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32", reps: int = 7):
     """Time each of ``terms`` (:mod:`phantom_plugin.timing` terms) on every rank at once; rank 0
     returns ``(seconds per term in order, {"latency_s", "bandwidth_bytes_per_s"})``."""
+    quiet_third_party()
     group = dist.group.WORLD
     device = comm.collective_device(group)   # the launcher set each NCCL rank's device
     dt = _DTYPES[dtype]
     torch.manual_seed(rank)
-    out = []
-    with torch.no_grad():
-        for t in terms:
-            if isinstance(t, timing.Gemm):
-                fn = _gemm_fn(t, dt, device)
-            elif isinstance(t, timing.Pointwise):
-                fn = _pointwise_fn(t, dt, device)
-            elif isinstance(t, timing.Optimizer):
-                fn = _optimizer_fn(t, dt, device)
-            else:
-                fn = _collective_fn(t, dt, device, group)
-            if isinstance(t, timing.Pointwise) and t.kind == "act":
-                with torch.enable_grad():
-                    out.append(_median_time(fn, device, group, reps))
-            else:
-                out.append(_median_time(fn, device, group, reps))
+    out = [_term_time(t, dt, device, group, reps) for t in terms]
     comm.COUNTER.reset()
     link = {}
     if world_size > 1:
