@@ -105,8 +105,8 @@ def _prediction_rows(pred: dict) -> list[str]:
             f"| {pred['ratio']:.4f} |"]
     for part in ("gemm", "pointwise", "optimizer", "collective", "framework"):
         a, b = pred["parts_s"]["tp"].get(part, 0.0), pred["parts_s"]["phantom"].get(part, 0.0)
-        rows.append(f"| - of which {part} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | "
-                    f"{b / a if a else float('nan'):.4f} |")
+        ratio = f"{b / a:.4f}" if a else "-"
+        rows.append(f"| - of which {part} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio} |")
     return rows
 
 
