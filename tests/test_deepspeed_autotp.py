@@ -32,13 +32,8 @@ def _close(a, b, rtol):
 
 
 def test_autotp_attention_with_phantom_mlps(tmp_path):
-    from test_deepspeed_launcher import launch
-    out = launch(2, Path(__file__), ["--out", str(tmp_path)], timeout=600)
-    res = []
-    for r in range(2):
-        f = tmp_path / f"rank{r}.json"
-        assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
-        res.append(json.loads(f.read_text()))
+    from test_deepspeed_launcher import launch_results
+    res = launch_results(2, Path(__file__), tmp_path, timeout=600)
     for r in res:
         assert r["attn_types"] == ["LinearAllreduce", "LinearLayer"], r["attn_types"]
         assert r["mlp_types"] == ["PhantomEdgeLinear"], r["mlp_types"]

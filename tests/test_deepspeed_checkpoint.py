@@ -20,16 +20,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from test_deepspeed_launcher import WIDTH, _batch, _config, _nets, launch  # noqa: E402
+from test_deepspeed_launcher import WIDTH, _batch, _config, _nets, launch_results  # noqa: E402
 
 
 def test_resume_is_bit_exact_and_other_layouts_refused(tmp_path):
-    out = launch(4, Path(__file__), ["--out", str(tmp_path)], timeout=600)
-    res = []
-    for r in range(4):
-        f = tmp_path / f"rank{r}.json"
-        assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
-        res.append(json.loads(f.read_text()))
+    res = launch_results(4, Path(__file__), tmp_path, timeout=600)
     for r in res:
         for stage in ("0", "1", "2", "pipe"):
             cont, resumed = r["continued"][stage], r["resumed"][stage]

@@ -41,14 +41,8 @@ pytest.importorskip("accelerate")
 # ============================== launcher side (pytest) ======================================
 
 def _run(tmp_path, n: int, extra: list[str]) -> list[dict]:
-    from test_deepspeed_launcher import launch
-    out = launch(n, Path(__file__), ["--out", str(tmp_path), *extra], timeout=600)
-    res = []
-    for r in range(n):
-        f = tmp_path / f"rank{r}.json"
-        assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
-        res.append(json.loads(f.read_text()))
-    return res
+    from test_deepspeed_launcher import launch_results
+    return launch_results(n, Path(__file__), tmp_path, extra, timeout=600)
 
 
 def _common_checks(r: dict, dp: int, reinit: bool = True) -> None:

@@ -55,14 +55,19 @@ def launch(n: int, script: Path, args: list[str], timeout: float = 420, expect_f
     return out
 
 
-def run_case(case: str, n: int, tmp_path: Path) -> list[dict]:
-    out = launch(n, Path(__file__), ["--case", case, "--out", str(tmp_path)])
+def launch_results(n: int, script: Path, out_dir: Path, extra: list[str] = (), timeout: float = 420) -> list[dict]:
+    """:func:`launch` ``script --out out_dir *extra`` on ``n`` ranks; each rank's ``rank{r}.json``."""
+    out = launch(n, script, [*extra, "--out", str(out_dir)], timeout=timeout)
     results = []
     for r in range(n):
-        f = tmp_path / f"rank{r}.json"
+        f = out_dir / f"rank{r}.json"
         assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
         results.append(json.loads(f.read_text()))
     return results
+
+
+def run_case(case: str, n: int, tmp_path: Path) -> list[dict]:
+    return launch_results(n, Path(__file__), tmp_path, ["--case", case])
 
 
 def _close(a, b, rtol):

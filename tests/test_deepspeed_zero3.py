@@ -19,17 +19,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from test_deepspeed_launcher import CLIP, D_IN, _batch, _close, _config, _nets, _reference, _train, launch  # noqa: E402
+from test_deepspeed_launcher import CLIP, D_IN, _batch, _close, _config, _nets, _reference, _train, launch_results  # noqa: E402
 from test_deepspeed_checkpoint import _engine, _steps  # noqa: E402
 
 
 def test_zero3_matches_zero1_zero_init_export_and_resume(tmp_path):
-    out = launch(4, Path(__file__), ["--out", str(tmp_path)], timeout=600)
-    res = []
-    for r in range(4):
-        f = tmp_path / f"rank{r}.json"
-        assert f.exists(), f"rank {r} wrote no result:\n{out[-6000:]}"
-        res.append(json.loads(f.read_text()))
+    res = launch_results(4, Path(__file__), tmp_path, timeout=600)
     for r in res:
         assert min(r["ref_norms"]) > CLIP
         for key in ("3", "init3"):
