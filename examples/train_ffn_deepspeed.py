@@ -108,3 +108,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():     # gloo ranks that skip this can abort at exit (pytorch#190489)
+        dist.destroy_process_group()

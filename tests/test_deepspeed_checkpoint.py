@@ -135,6 +135,8 @@ def _main() -> None:
 
     out["rank"] = dist.get_rank()
     (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+    from dist_utils import end_process_group
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -414,6 +414,8 @@ def _main() -> None:
     out["rank"] = dist.get_rank()
     out["node"] = os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK"))     # torchrun / deepspeed
     (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
+    from dist_utils import end_process_group
+    end_process_group()
 
 
 if __name__ == "__main__":

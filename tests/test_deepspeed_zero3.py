@@ -94,6 +94,8 @@ def _main() -> None:
     out["resumed"] = _steps(engine, range(3, 6), dp_rank)
 
     (tmp / f"rank{rank}.json").write_text(json.dumps(out))
+    from dist_utils import end_process_group
+    end_process_group()
 
 
 if __name__ == "__main__":
