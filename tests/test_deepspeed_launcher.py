@@ -116,13 +116,18 @@ def test_phantom_x_data_zero_0_1_2(tmp_path):
 
 
 def test_pipe_x_model(tmp_path):
-    """4 ranks, pipe 2 x model 2: boundary partitioning off, losses equal the dense ones."""
+    """4 ranks, pipe 2 x model 2: boundary partitioning off, losses equal the dense ones; with
+    ``lr_multipliers`` and a ``WarmupLR`` those of the float64 twin trained with per-kind lrs."""
     res = run_case("pipe", 4, tmp_path)
     for r in res:
         assert r["pipe_partitioned"] is False and r["grad_partitioned"] is False
         assert _close(r["losses"], r["ref_losses"], 1e-4), (r["losses"], r["ref_losses"])
         assert r["losses"][-1] < 0.8 * r["losses"][0]
     assert sorted(r["converted"] for r in res) == [["1.mlp"]] * 2 + [["2.mlp"]] * 2
+    for r in res:       # "lr_multipliers": "auto" with a WarmupLR: per-kind lrs, the float64 twin's losses
+        assert ["compressor", 0.5] in r["mult_groups"] and ["decompressor", 0.5] in r["mult_groups"], r["mult_groups"]
+        assert _close(r["mult_losses"], r["ref_mult_losses"], 1e-4), (r["mult_losses"], r["ref_mult_losses"])
+        assert not _close(r["mult_losses"], r["losses"], 1e-3)
 
 
 def test_flag_alone_in_a_plain_deepspeed_script(tmp_path):
@@ -515,6 +520,21 @@ def _case_pipe(out: dict, tmp: Path) -> None:
     out["losses"] = losses
     ref, _ = _reference(torch.nn.Sequential(*dense), steps, gas, k=WIDTH // 2)
     out["ref_losses"] = [sum(l) / gas for l in ref]
+
+    # "lr_multipliers": "auto" (the factors at lr x 0.5: k = in/size) and a WarmupLR, scaled per group
+    cfg = _config(target_modules=["mlp"], lr_multipliers="auto")
+    cfg["gradient_accumulation_steps"] = gas
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": LR_MIN, "warmup_max_lr": LR,
+                                                       "warmup_num_steps": WARM, "warmup_type": "linear"}}
+    model = PipelineModule(layers=copy.deepcopy(dense), topology=topo, partition_method="uniform",
+                           loss_fn=torch.nn.functional.mse_loss)
+    engine, *_ = initialize(model=model, config=cfg, model_parameters=model.parameters())
+    out["mult_groups"] = [[g.get("kind"), g.get("lr_mult")] for g in engine.optimizer.param_groups]
+    out["mult_losses"] = [float(engine.train_batch(data_iter=iter([_batch(step, j) for j in range(gas)])))
+                          for step in range(steps)]
+    ref, _ = _reference(torch.nn.Sequential(*dense), steps, gas, k=WIDTH // 2,
+                        mults={"compressor": 0.5, "decompressor": 0.5}, lr_at=lambda step: _warmup_lr(step - 1))
+    out["ref_mult_losses"] = [sum(l) / gas for l in ref]
 
 
 def _main() -> None:
