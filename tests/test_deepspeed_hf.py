@@ -142,6 +142,7 @@ def _main() -> None:
         ds = json.loads(CONFIG.read_text())
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                        "weight_decay": "auto", "torch_adam": True}}
+        ds["phantom_parallel"]["lr_multipliers"] = "auto"      # spelled out: not Accelerate's to fill
         config = str(tmp / f"ds_{os.environ['RANK']}.json")
         Path(config).write_text(json.dumps(ds))
     args = argparse.Namespace(deepspeed=config, steps=6, batch=4, lr=3e-3, log_every=1,
