@@ -329,3 +329,13 @@ def test_lr_multipliers_errors_come_before_any_process_group(monkeypatch):
         initialize(model=m, config=_opt_ds(scheduler={"type": "CyclicLR", "params": {}}),
                    model_parameters=m.parameters())
     assert not dist.is_initialized() and isinstance(m[0], nn.Linear)
+
+
+def test_explicit_auto_multipliers_are_dropped_before_accelerate_sees_them():
+    from phantom_plugin.deepspeed.hf import keep_section_autos
+    ds = _ds(lr_multipliers="auto")
+    keep_section_autos(ds)
+    assert "lr_multipliers" not in ds["phantom_parallel"] and load_section(ds).lr_multipliers == "auto"
+    ds = _ds(lr_multipliers={"other": 2.0})
+    keep_section_autos(ds)
+    assert ds["phantom_parallel"]["lr_multipliers"] == {"other": 2.0}
