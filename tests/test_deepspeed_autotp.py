@@ -51,7 +51,7 @@ def _ds(**tp):
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.0, "torch_adam": True}},
            "gradient_clipping": CLIP, "zero_optimization": {"stage": 1}, "steps_per_print": 10 ** 6,
            "phantom_parallel": {"enabled": True, "size": 2, "ghost_neurons": WIDTH // 2,
-                                "target_modules": [r"\.mlp$"]}}
+                                "target_modules": [r"\.mlp$"], "lr_multipliers": False}}   # one lr, as the reference
     if tp is not None:
         cfg["tensor_parallel"] = {"autotp_size": 2, "partition_config": ATTENTION_ONLY, **tp}
     return cfg

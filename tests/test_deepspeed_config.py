@@ -169,3 +169,173 @@ def test_model_parameters_built_before_conversion_are_remapped():
     remap_optimizer(opt, model, before)
     assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in want0],
                                                                         [id(p) for p in want1]]
+
+
+# ------------------------------ lr_multipliers ----------------------------------------------
+
+@pytest.mark.parametrize("value, want", [("auto", "auto"), (False, "off"), (None, "off"), ("off", "off"),
+                                         ({"compressor": 0.5, "other": 2}, {"compressor": 0.5, "other": 2.0})])
+def test_lr_multipliers_values(value, want):
+    assert load_section(_ds(lr_multipliers=value)).lr_multipliers == want
+    assert load_section(_ds()).lr_multipliers == "auto"
+
+
+@pytest.mark.parametrize("value, text", [
+    (True, "must be \"auto\", false/null/\"off\" or a non-empty object"),
+    ("on", "must be \"auto\""),
+    (1.0, "must be \"auto\""),
+    ({}, "non-empty object"),
+    ({"compresor": 0.5}, "unknown kind(s) ['compresor']"),
+    ({"compressor": 0}, "multiplier of 'compressor' must be a number > 0"),
+    ({"compressor": -1.0}, "must be a number > 0"),
+    ({"compressor": "0.5"}, "must be a number > 0"),
+    ({"compressor": True}, "must be a number > 0"),
+    ({"compressor": float("inf")}, "must be a number > 0"),
+])
+def test_lr_multipliers_bad_values_name_the_field(value, text):
+    with pytest.raises(PhantomConfigError) as e:
+        load_section(_ds(lr_multipliers=value))
+    line = next(ln for ln in str(e.value).splitlines() if ln.startswith("phantom_parallel.lr_multipliers: "))
+    assert text in line and "; use \"auto\"" in line and "local, compressor, decompressor, bias, other" in line, line
+
+
+def _opt_ds(setting="auto", scheduler=None, **opt):
+    ds = {**_ds(lr_multipliers=setting),
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.1, **opt}}}
+    if scheduler is not None:
+        ds["scheduler"] = scheduler
+    return ds
+
+
+def test_lr_multipliers_plan_and_its_errors():
+    from phantom_plugin.deepspeed.lr_groups import plan
+    params = list(_mlp().parameters())
+    groups = [{"params": params[:2]}, {"params": params[2:], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(params)
+
+    def p(ds, **kw):
+        return plan(load_section(ds), ds, **kw)
+
+    assert p(_opt_ds()).build and p(_opt_ds()).base_lr == 1e-3 and p(_opt_ds()).multipliers is None
+    assert p(_opt_ds(), model_parameters=params).build                 # plain parameters: grouped
+    assert p(_opt_ds({"other": 2.0})).multipliers == {"other": 2.0}
+    assert not p(_opt_ds(False)).build and p(_opt_ds(False)).notice is None
+    assert not p(_ds()).build and p(_ds()).notice is None               # no optimizer at all
+    for kw in ({"optimizer": opt}, {"model_parameters": groups}):       # the client's groups are kept
+        plan_ = p(_opt_ds(), **kw)
+        assert not plan_.build and "\"auto\" not applied" in plan_.notice
+        assert "phantom_plugin.param_groups" in plan_.notice and "\"optimizer\" section" in plan_.notice
+        with pytest.raises(PhantomConfigError, match=r"phantom_parallel\.lr_multipliers: \{'compressor': 0\.5\} "
+                                                     r"asks for explicit multipliers, but .* was passed"):
+            p(_opt_ds({"compressor": 0.5}), **kw)
+    assert p(_opt_ds(False), optimizer=opt).notice is None
+    for lr in ("auto", None, 0, True):
+        ds = _opt_ds()
+        ds["optimizer"]["params"]["lr"] = lr
+        if lr is None:
+            del ds["optimizer"]["params"]["lr"]
+        with pytest.raises(PhantomConfigError, match=r"optimizer\.params\.lr: .*needs a number > 0 here.*"
+                                                     r"\"lr_multipliers\": false"):
+            p(ds)
+        assert not p({**ds, "phantom_parallel": {**ds["phantom_parallel"], "lr_multipliers": False}}).build
+
+
+@pytest.mark.parametrize("scheduler, ok", [
+    ({"type": "WarmupLR", "params": {}}, True), ({"type": "WarmupDecayLR", "params": {"total_num_steps": 9}}, True),
+    ({"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3}}, True),
+    ({"type": "LRRangeTest", "params": {}}, True), ({"type": "WarmupCosineLR", "params": {"total_num_steps": 9}}, True),
+    ({"type": "StepLR", "params": {"step_size": 2}}, True),
+    ({"type": "CosineAnnealingLR", "params": {"T_max": 9}}, True),
+    ({"type": "CosineAnnealingLR", "params": {"T_max": 9, "eta_min": 1e-5}}, False),
+    ({"type": "CyclicLR", "params": {"base_lr": 1e-4, "max_lr": 1e-3}}, False),
+])
+def test_lr_multipliers_refuse_a_scheduler_that_would_erase_them(scheduler, ok):
+    from phantom_plugin.deepspeed.lr_groups import plan
+    ds = _opt_ds(scheduler=scheduler)
+    if ok:
+        plan(load_section(ds), ds)
+    else:
+        with pytest.raises(PhantomConfigError, match=rf"scheduler\.type: '{scheduler['type']}' with "
+                                                     r"phantom_parallel\.lr_multipliers active.*set "
+                                                     r"\"lr_multipliers\": false"):
+            plan(load_section(ds), ds)
+    ds = _opt_ds(False, scheduler=scheduler)
+    plan(load_section(ds), ds)                                  # off: any scheduler
+    plan(load_section(_opt_ds(scheduler=scheduler)), _opt_ds(scheduler=scheduler),
+         lr_scheduler=lambda opt: None)                        # a client scheduler: not ours to check
+
+
+def test_lr_multipliers_scheduler_rewrite_keeps_ratios_in_deepspeed_schedulers():
+    """The rewritten config builds DeepSpeed's own schedulers with each group's lr = scalar x lr_mult
+    (defaults of left-out parameters scaled too), at construction and after steps."""
+    from deepspeed.runtime import lr_schedules
+    from phantom_plugin.deepspeed.lr_groups import scale_scheduler
+    mults = [1.0, 0.25, 0.5]
+
+    def build(scheduler):
+        ds = _opt_ds(scheduler=scheduler)
+        done = scale_scheduler(ds, mults)
+        opt = torch.optim.AdamW([{"params": [nn.Parameter(torch.zeros(1))], "lr": 1e-3 * m} for m in mults])
+        sched = getattr(lr_schedules, ds["scheduler"]["type"])(opt, **ds["scheduler"]["params"])
+        for _ in range(3):
+            sched.step()
+        return done, [g["lr"] for g in opt.param_groups]
+
+    done, lrs = build({"type": "WarmupLR", "params": {"warmup_min_lr": 1e-4, "warmup_max_lr": 2e-3,
+                                                      "warmup_num_steps": 10, "warmup_type": "linear"}})
+    assert done == {"warmup_min_lr": [1e-4 * m for m in mults], "warmup_max_lr": [2e-3 * m for m in mults]}
+    assert all(abs(lr / lrs[0] - m) < 1e-12 for lr, m in zip(lrs, mults)) and lrs[0] != 2e-3
+    done, lrs = build({"type": "WarmupLR", "params": {"warmup_num_steps": 10}})     # max: each group's lr
+    assert list(done) == ["warmup_min_lr"] and all(abs(lr / lrs[0] - m) < 1e-12 for lr, m in zip(lrs, mults))
+    done, lrs = build({"type": "WarmupDecayLR", "params": {"total_num_steps": 20, "warmup_num_steps": 2}})
+    assert done["warmup_max_lr"] == [0.001 * m for m in mults]                   # DeepSpeed's default, scaled
+    assert all(abs(lr / lrs[0] - m) < 1e-12 for lr, m in zip(lrs, mults))
+    done, lrs = build({"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": 1e-3,
+                                                      "decay_lr_rate": 0.1, "cycle_first_step_size": 2}})
+    assert set(done) == {"cycle_min_lr", "cycle_max_lr"}
+    assert all(abs(lr / lrs[0] - m) < 1e-12 for lr, m in zip(lrs, mults))
+    done, lrs = build({"type": "LRRangeTest", "params": {"lr_range_test_step_size": 1}})
+    assert done == {"lr_range_test_min_lr": [1e-3 * m for m in mults]}
+    assert all(abs(lr / lrs[0] - m) < 1e-12 for lr, m in zip(lrs, mults))
+    done, lrs = build({"type": "WarmupCosineLR", "params": {"total_num_steps": 20, "warmup_num_steps": 2}})
+    assert done == {} and all(abs(lr / lrs[0] - m) < 1e-12 for lr, m in zip(lrs, mults))
+    ds = _opt_ds(scheduler={"type": "WarmupLR", "params": {"warmup_max_lr": [1e-3, 2e-3, 3e-3]}})
+    assert scale_scheduler(ds, mults) == {"warmup_min_lr": [0.0] * 3}          # a list is the user's own
+    assert ds["scheduler"]["params"]["warmup_max_lr"] == [1e-3, 2e-3, 3e-3]
+    ds = _opt_ds(scheduler={"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3}})
+    assert scale_scheduler(ds, [1.0, 1.0]) == {} and ds["scheduler"]["params"]["warmup_max_lr"] == 1e-3
+
+
+def test_lr_multipliers_build_keeps_given_trainable_parameters_and_the_configs_other_settings():
+    from phantom_plugin.deepspeed.lr_groups import GroupPlan, build
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    model[2].weight.requires_grad_(False)
+    gp = GroupPlan(build=True, base_lr=1e-2, multipliers={"other": 3.0})
+    groups = build(model, None, gp)
+    assert [(g["kind"], g["lr_mult"], g["lr"]) for g in groups] == [("bias", 1.0, 1e-2), ("other", 3.0, 3e-2)]
+    assert all(set(g) == {"params", "lr", "kind", "lr_mult"} for g in groups)     # weight decay: the config's
+    assert sum(len(g["params"]) for g in groups) == 5                              # frozen weight left out
+    assert [p for g in build(model, [model[0].weight], gp) for p in g["params"]] == [model[0].weight]
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        build(model, [nn.Parameter(torch.zeros(1))], gp)
+
+
+def test_lr_multipliers_errors_come_before_any_process_group(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    m = _mlp()
+    with pytest.raises(PhantomConfigError, match="lr_multipliers: \\{'compressor': 0.5\\} asks for explicit"):
+        initialize(model=m, config=_ds(lr_multipliers={"compressor": 0.5}), optimizer=torch.optim.AdamW(m.parameters()))
+    with pytest.raises(PhantomConfigError, match="scheduler.type: 'CyclicLR'"):
+        initialize(model=m, config=_opt_ds(scheduler={"type": "CyclicLR", "params": {}}),
+                   model_parameters=m.parameters())
+    assert not dist.is_initialized() and isinstance(m[0], nn.Linear)
+
+
+def test_explicit_auto_multipliers_are_dropped_before_accelerate_sees_them():
+    from phantom_plugin.deepspeed.hf import keep_section_autos
+    ds = _ds(lr_multipliers="auto")
+    keep_section_autos(ds)
+    assert "lr_multipliers" not in ds["phantom_parallel"] and load_section(ds).lr_multipliers == "auto"
+    ds = _ds(lr_multipliers={"other": 2.0})
+    keep_section_autos(ds)
+    assert ds["phantom_parallel"]["lr_multipliers"] == {"other": 2.0}

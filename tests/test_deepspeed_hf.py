@@ -14,7 +14,9 @@ ranks record, and the tests check:
   batches change from step to step;
 * ``train_batch_size`` = micro x accumulation x data-parallel size; the loss falls;
 * each phantom weight trained, in its dense weight's optimizer group (weight decay; norms in
-  the no-decay group); a second ``deepspeed.initialize`` of the trained model converts nothing;
+  the no-decay group) when HF builds the optimizer; with an ``"optimizer"`` section the adapter's
+  phantom-aware groups (``lr_multipliers`` ``"auto"``), HF's scheduler keeping their lr ratios;
+  a second ``deepspeed.initialize`` of the trained model converts nothing;
 * ``export_dense`` + ``save_pretrained`` (rank 0) + ``from_pretrained`` (every rank) give
   ``nn.Linear`` MLPs whose logits equal the trained phantom model's, config untouched.
 """
@@ -68,6 +70,7 @@ def test_stock_trainer_trains_phantom_llama_and_exports_dense(tmp_path):
         _common_checks(r, dp=1)
         assert r["decay_of"]["compressor"] == r["decay_of"]["local_weight"] == r["decay_of"]["decompressor"] == [0.01]
         assert r["decay_of"]["norm"] == [0.0]
+        assert all(kind is None for kind, _, _ in r["groups"])     # HF's own groups, kept as given
     assert res[0]["batches"] == res[1]["batches"] and len(res[0]["batches"]) >= 6
 
 
@@ -77,7 +80,13 @@ def test_trainer_phantom_2_x_data_2_with_config_optimizer(tmp_path):
     res = _run(tmp_path, 4, ["--optimizer_section"])
     for r in res:
         _common_checks(r, dp=2)
-        assert r["decay_of"]["compressor"] == r["decay_of"]["norm"] == [0.01]     # one group
+        # "lr_multipliers" "auto": phantom-aware groups (the factors at lr x 0.5: k = in/size), the
+        # config's weight decay on every group, and HF's scheduler keeps each group's lr ratio
+        assert r["decay_of"]["compressor"] == r["decay_of"]["norm"] == [0.01]
+        assert sorted({k for k, _, _ in r["groups"]}) == ["bias", "compressor", "decompressor", "local", "other"]
+        for kind, mult, initial_lr in r["groups"]:
+            assert mult == (0.5 if kind in ("compressor", "decompressor") else 1.0), (kind, mult)
+            assert abs(initial_lr - 3e-3 * mult) < 1e-12, (kind, mult, initial_lr)
     b = [r["batches"] for r in res]
     assert b[0] == b[1] and b[2] == b[3] and b[0] != b[2]
 
@@ -133,6 +142,7 @@ def _main() -> None:
         ds = json.loads(CONFIG.read_text())
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto",
                                                        "weight_decay": "auto", "torch_adam": True}}
+        ds["phantom_parallel"]["lr_multipliers"] = "auto"      # spelled out: not Accelerate's to fill
         config = str(tmp / f"ds_{os.environ['RANK']}.json")
         Path(config).write_text(json.dumps(ds))
     args = argparse.Namespace(deepspeed=config, steps=6, batch=4, lr=3e-3, log_every=1,
@@ -181,6 +191,8 @@ def _main() -> None:
                 "norm" if "norm" in names[id(p)] else "other")
             decay_of.setdefault(kind, set()).add(group["weight_decay"])
     out["decay_of"] = {k: sorted(v) for k, v in decay_of.items()}
+    out["groups"] = [[g.get("kind"), g.get("lr_mult"), g.get("initial_lr")]
+                     for g in engine.optimizer.optimizer.param_groups]
     out["trained_all"] = all(not torch.equal(_local(p), start[n]) for n, p in model.named_parameters()
                              if ".mlp." in n)
 

@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 D_IN, WIDTH, D_OUT, MICRO, LR, CLIP = 8, 16, 4, 4, 1e-2, 0.05
+K_MULT, LR_MIN, WARM, DECAY = 3, 1e-3, 4, 0.1      # the lr_multipliers case: k < WIDTH/2, WarmupLR, AdamW decay
 
 
 # ============================== launcher side (pytest) ======================================
@@ -115,13 +116,18 @@ def test_phantom_x_data_zero_0_1_2(tmp_path):
 
 
 def test_pipe_x_model(tmp_path):
-    """4 ranks, pipe 2 x model 2: boundary partitioning off, losses equal the dense ones."""
+    """4 ranks, pipe 2 x model 2: boundary partitioning off, losses equal the dense ones; with
+    ``lr_multipliers`` and a ``WarmupLR`` those of the float64 twin trained with per-kind lrs."""
     res = run_case("pipe", 4, tmp_path)
     for r in res:
         assert r["pipe_partitioned"] is False and r["grad_partitioned"] is False
         assert _close(r["losses"], r["ref_losses"], 1e-4), (r["losses"], r["ref_losses"])
         assert r["losses"][-1] < 0.8 * r["losses"][0]
     assert sorted(r["converted"] for r in res) == [["1.mlp"]] * 2 + [["2.mlp"]] * 2
+    for r in res:       # "lr_multipliers": "auto" with a WarmupLR: per-kind lrs, the float64 twin's losses
+        assert ["compressor", 0.5] in r["mult_groups"] and ["decompressor", 0.5] in r["mult_groups"], r["mult_groups"]
+        assert _close(r["mult_losses"], r["ref_mult_losses"], 1e-4), (r["mult_losses"], r["ref_mult_losses"])
+        assert not _close(r["mult_losses"], r["losses"], 1e-3)
 
 
 def test_flag_alone_in_a_plain_deepspeed_script(tmp_path):
@@ -133,6 +139,46 @@ def test_flag_alone_in_a_plain_deepspeed_script(tmp_path):
         assert abs(r["loss0"] - r["dense_loss0"]) < 1e-6 * r["dense_loss0"]
         assert "phantom layer 'blocks.0.mlp.fc1': its input differs across the ranks" in r["mismatch"], r["mismatch"]
         assert "shard data by data-parallel rank" in r["mismatch"]
+
+
+def _warmup_lr(it: int) -> float:
+    """DeepSpeed ``WarmupLR`` (linear) after ``it + 1`` scheduler steps (``it = -1``: as built)."""
+    return LR_MIN + (LR - LR_MIN) * min(max(it, 0) / WARM, 1.0)
+
+
+def test_lr_multipliers_groups_scheduler_and_reference(tmp_path):
+    """2 ranks (one phantom group), ``ghost_neurons`` 3 < width/size = 8, AdamW with weight decay
+    and a linear ``WarmupLR`` in the config: with ``"lr_multipliers": "auto"`` (ZeRO 0, 2, 3) the
+    factors' groups get lr x 1/(1+3/8) at every step of the warm-up and the losses are those of a
+    float64 twin trained with those per-kind lrs (and not those of one lr); an explicit object
+    (ZeRO-1) likewise; ``false`` keeps one group and the plain trajectory; a client optimizer with
+    an explicit object raises naming the field, with ``"auto"`` rank 0 prints how to apply them."""
+    res = run_case("mult", 2, tmp_path)
+    m = 1 / (1 + K_MULT / (WIDTH // 2))
+    auto = {"compressor": m, "decompressor": m}
+    explicit = {"local": 0.5, "compressor": m, "decompressor": 2.0, "other": 1.5}
+    for r in res:
+        assert r["ref_auto"] != r["ref_off"] and not _close(r["ref_auto"], r["ref_off"], 1e-3)
+        for name, want, ref in [("auto0", auto, "ref_auto"), ("auto2", auto, "ref_auto"),
+                                ("auto3", auto, "ref_auto"), ("explicit1", explicit, "ref_explicit")]:
+            run = r[name]
+            assert sorted(k for k, _ in run["groups"]) == ["bias", "compressor", "decompressor", "local", "other"]
+            for kind, mult in run["groups"]:
+                assert abs(mult - want.get(kind, 1.0)) < 1e-12, (name, kind, mult)
+            for step, lrs in enumerate(run["lrs"]):         # (a) scheduler lr x lr_mult, every group
+                for (kind, mult), lr in zip(run["groups"], lrs):
+                    assert abs(lr - _warmup_lr(step) * want.get(kind, 1.0)) < 1e-12 * LR, (name, step, kind, lr)
+            assert run["decay"] == [DECAY] * 5, run["decay"]
+            assert _close(run["losses"], r[ref], 1e-4), (name, run["losses"], r[ref])       # (b)
+        assert r["off"]["groups"] == [[None, None]]                                          # (c)
+        assert all(abs(lrs[0] - _warmup_lr(s)) < 1e-12 * LR for s, lrs in enumerate(r["off"]["lrs"]))
+        assert _close(r["off"]["losses"], r["ref_off"], 1e-4), (r["off"]["losses"], r["ref_off"])
+        assert "phantom_parallel.lr_multipliers: {'compressor': 0.5} asks for explicit multipliers, but an " \
+               "optimizer was passed" in r["client_explicit"], r["client_explicit"]             # (d)
+        assert r["client_auto_groups"] == 1
+    assert "phantom_parallel.lr_multipliers: \"auto\" not applied" in res[0]["client_auto_out"]
+    assert "phantom_plugin.param_groups" in res[0]["client_auto_out"]
+    assert "lr_multipliers" not in res[1]["client_auto_out"]
 
 
 def test_example_ffn_script_trains(tmp_path):
@@ -235,11 +281,22 @@ def _block_linear(lin, p: int, k: int):
     return BlockLinear()
 
 
-def _reference(model, steps: int, shards: int, k=None, p: int = 2):
+def _kind(name: str, param) -> str:
+    """``phantom_plugin.optim`` kind of a parameter of the float64 twin (:func:`_block_linear`)."""
+    for part, kind in ((".comp.", "compressor"), (".decomp.", "decompressor"), (".local.", "local")):
+        if part in name:
+            return kind
+    return "bias" if param.dim() <= 1 else "other"
+
+
+def _reference(model, steps: int, shards: int, k=None, p: int = 2, mults=None, lr_at=None,
+               weight_decay: float = 0.0):
     """float64 training on ``shards`` micro-batches per step; per-shard losses and grad norms.
 
     With ``k`` the ``nn.Linear`` layers inside ``mlp`` modules get the phantom parametrization
-    (:func:`_block_linear`); without it the model is the plain dense one.
+    (:func:`_block_linear`); without it the model is the plain dense one. ``mults``: ``{kind:
+    lr multiplier}`` (:func:`_kind`; 1 for kinds not given); ``lr_at(step)``: the base lr of
+    each step (default ``LR``); ``weight_decay``: AdamW's, on every parameter.
     """
     import torch
     from torch import nn
@@ -250,9 +307,15 @@ def _reference(model, steps: int, shards: int, k=None, p: int = 2):
                 for child, lin in list(mod.named_children()):
                     if isinstance(lin, nn.Linear):
                         setattr(mod, child, _block_linear(lin, p, k))
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.0)
+    by_mult: dict = {}
+    for name, q in ref.named_parameters():
+        by_mult.setdefault(float((mults or {}).get(_kind(name, q), 1.0)), []).append(q)
+    opt = torch.optim.AdamW([{"params": ps, "mult": m, "lr": LR * m} for m, ps in by_mult.items()],
+                            lr=LR, weight_decay=weight_decay)
     losses, norms = [], []
     for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = (LR if lr_at is None else lr_at(step)) * g["mult"]
         opt.zero_grad()
         per = []
         for j in range(shards):
@@ -270,8 +333,9 @@ def _config(stage=0, **phantom):
            "optimizer": {"type": "AdamW", "params": {"lr": LR, "weight_decay": 0.0, "torch_adam": True}},
            "gradient_clipping": CLIP, "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 6,
            "comms_logger": {"enabled": True, "prof_all": True, "verbose": False}}
+    # one lr for every parameter, as the dense float64 references train (test_lr_multipliers_... turns them on)
     cfg["phantom_parallel"] = {"enabled": True, "size": 2, "ghost_neurons": WIDTH // 2,
-                               "target_modules": [r"blocks\.\d+\.mlp"], **phantom}
+                               "target_modules": [r"blocks\.\d+\.mlp"], "lr_multipliers": False, **phantom}
     return cfg
 
 
@@ -371,6 +435,67 @@ def _case_flag(out: dict, tmp: Path) -> None:
         out["mismatch"] = str(e)
 
 
+def _case_mult(out: dict, tmp: Path) -> None:
+    import contextlib
+    import io
+    import torch
+    from phantom_plugin.deepspeed import PhantomConfigError, initialize
+    Net, _ = _nets()
+    steps = 6
+    warm = {"type": "WarmupLR", "params": {"warmup_min_lr": LR_MIN, "warmup_max_lr": LR,
+                                           "warmup_num_steps": WARM, "warmup_type": "linear"}}
+    m = 1 / (1 + K_MULT / (WIDTH // 2))
+    explicit = {"local": 0.5, "decompressor": 2.0, "other": 1.5}
+    lr_at = lambda step: _warmup_lr(step - 1)        # noqa: E731  the lr optimizer step `step` uses
+    for name, mults in (("auto", {"compressor": m, "decompressor": m}), ("off", None),
+                        ("explicit", {**explicit, "compressor": m})):
+        ref, _ = _reference(Net(), steps, 1, k=K_MULT, mults=mults, lr_at=lr_at, weight_decay=DECAY)
+        out[f"ref_{name}"] = [l[0] for l in ref]
+
+    def run(stage, setting):
+        cfg = _config(stage=stage, ghost_neurons=K_MULT, lr_multipliers=setting)
+        cfg["optimizer"]["params"]["weight_decay"] = DECAY
+        cfg["scheduler"] = copy.deepcopy(warm)
+        model = Net()
+        engine, *_ = initialize(model=model, config=cfg, model_parameters=model.parameters())
+        groups = engine.optimizer.param_groups
+        rec = {"groups": [[g.get("kind"), g.get("lr_mult")] for g in groups], "lrs": [], "losses": [],
+               "decay": [g["weight_decay"] for g in groups]}
+        for step in range(steps):
+            x, y = _batch(step, 0)
+            loss = torch.nn.functional.mse_loss(engine(x), y)
+            engine.backward(loss)
+            engine.step()
+            rec["losses"].append(float(loss))
+            rec["lrs"].append([g["lr"] for g in groups])
+        return rec
+
+    for stage in (0, 2, 3):
+        out[f"auto{stage}"] = run(stage, "auto")
+    out["explicit1"] = run(1, explicit)
+    out["off"] = run(2, False)
+
+    def client_cfg(setting):       # a client optimizer and no "optimizer" section (Trainer's AdamW)
+        cfg = _config(lr_multipliers=setting)
+        del cfg["optimizer"]
+        return cfg
+
+    model = Net()
+    try:
+        initialize(model=model, config=client_cfg({"compressor": 0.5}),
+                   optimizer=torch.optim.AdamW(model.parameters(), lr=LR))
+        out["client_explicit"] = "no error"
+    except PhantomConfigError as e:
+        out["client_explicit"] = str(e)
+    model = Net()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        engine, *_ = initialize(model=model, config=client_cfg("auto"),
+                                optimizer=torch.optim.AdamW(model.parameters(), lr=LR))
+    out["client_auto_out"] = buf.getvalue()
+    out["client_auto_groups"] = len(engine.optimizer.param_groups)
+
+
 def _case_pipe(out: dict, tmp: Path) -> None:
     import torch
     from deepspeed.pipe import PipelineModule
@@ -396,6 +521,21 @@ def _case_pipe(out: dict, tmp: Path) -> None:
     ref, _ = _reference(torch.nn.Sequential(*dense), steps, gas, k=WIDTH // 2)
     out["ref_losses"] = [sum(l) / gas for l in ref]
 
+    # "lr_multipliers": "auto" (the factors at lr x 0.5: k = in/size) and a WarmupLR, scaled per group
+    cfg = _config(target_modules=["mlp"], lr_multipliers="auto")
+    cfg["gradient_accumulation_steps"] = gas
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": LR_MIN, "warmup_max_lr": LR,
+                                                       "warmup_num_steps": WARM, "warmup_type": "linear"}}
+    model = PipelineModule(layers=copy.deepcopy(dense), topology=topo, partition_method="uniform",
+                           loss_fn=torch.nn.functional.mse_loss)
+    engine, *_ = initialize(model=model, config=cfg, model_parameters=model.parameters())
+    out["mult_groups"] = [[g.get("kind"), g.get("lr_mult")] for g in engine.optimizer.param_groups]
+    out["mult_losses"] = [float(engine.train_batch(data_iter=iter([_batch(step, j) for j in range(gas)])))
+                          for step in range(steps)]
+    ref, _ = _reference(torch.nn.Sequential(*dense), steps, gas, k=WIDTH // 2,
+                        mults={"compressor": 0.5, "decompressor": 0.5}, lr_at=lambda step: _warmup_lr(step - 1))
+    out["ref_mult_losses"] = [sum(l) / gas for l in ref]
+
 
 def _main() -> None:
     ap = argparse.ArgumentParser()
@@ -410,7 +550,8 @@ def _main() -> None:
     out: dict = {}
     tmp = Path(args.out)
     out["plugin_imported_before"] = plugin_imported_before
-    {"two": _case_two, "zero": _case_zero, "pipe": _case_pipe, "flag": _case_flag}[args.case](out, tmp)
+    {"two": _case_two, "zero": _case_zero, "pipe": _case_pipe, "flag": _case_flag,
+     "mult": _case_mult}[args.case](out, tmp)
     out["rank"] = dist.get_rank()
     out["node"] = os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK"))     # torchrun / deepspeed
     (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))

@@ -9,6 +9,7 @@ has it here, Hugging Face ``Trainer`` and Accelerate included. The explicit form
 
 Modules: :mod:`.config` (the validated section), :mod:`.groups` (phantom x data groups, ``mpu``),
 :mod:`.engine` (``initialize``), :mod:`.remap` (optimizers built before conversion),
+:mod:`.lr_groups` (``lr_multipliers``: phantom-aware optimizer groups, scheduler scaling),
 :mod:`.export` (``export_dense``), :mod:`.hf` (Accelerate's data sharding), :mod:`.pipe`
 (``PipelineModule`` topology and boundary guard), :mod:`.routing` (collectives through
 ``deepspeed.comm``), :mod:`.monitor` (monitor events), :mod:`.checkpoint` (the layout a

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
+from ..optim import KINDS
+
 __all__ = ["SECTION", "PhantomParallelConfig", "PhantomConfigError", "load_section", "load_ds_config",
            "check_run", "world_size_from_env"]
 
@@ -32,6 +34,9 @@ _HELP = {
     "seed": "use an integer (seed of fresh phantom weights when init_from_dense is false)",
     "comm_dtype": "use null (the layers' dtype), \"fp32\", \"bf16\" or \"fp16\"",
     "log_interval": "use an integer >= 0, optimizer steps between monitor events (0: off)",
+    "lr_multipliers": ("use \"auto\" (compressors and decompressors at lr x 1/(1+k/(in_features/size)), "
+                       "phantom_plugin.param_groups' rule), false (one lr for every parameter) or an "
+                       "object {kind: number > 0} with kinds " + ", ".join(KINDS)),
 }
 
 
@@ -50,6 +55,8 @@ class PhantomParallelConfig(DeepSpeedConfigModel):
     seed: StrictInt = 0
     comm_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
     log_interval: StrictInt = Field(0, ge=0)
+    lr_multipliers: Union[Literal["auto", "off"], dict[str, float]] = "auto"
+    """``"auto"``, ``"off"`` (given as false, null or "off") or ``{kind: multiplier}``; see :mod:`.lr_groups`."""
 
     def __init__(self, **data):
         super().__init__(strict=True, **data)     # keep "auto" so that it is rejected
@@ -63,6 +70,23 @@ class PhantomParallelConfig(DeepSpeedConfigModel):
             except re.error as e:
                 raise ValueError(f"entry {i} {pat!r} is not a valid regular expression ({e})") from e
         return value
+
+    @field_validator("lr_multipliers", mode="before")
+    @classmethod
+    def _multipliers(cls, value: Any) -> Any:
+        if value is None or value is False or value == "off":
+            return "off"
+        if value == "auto":
+            return value
+        if not isinstance(value, dict) or not value:
+            raise ValueError("must be \"auto\", false/null/\"off\" or a non-empty object {kind: number > 0}")
+        unknown = [k for k in value if k not in KINDS]
+        if unknown:
+            raise ValueError(f"unknown kind(s) {unknown}")
+        for kind, mult in value.items():
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not 0 < mult < float("inf"):
+                raise ValueError(f"multiplier of {kind!r} must be a number > 0")
+        return {kind: float(mult) for kind, mult in value.items()}
 
     @model_validator(mode="after")
     def _required_when_enabled(self) -> "PhantomParallelConfig":

@@ -17,6 +17,9 @@ after the previous succeeded on this rank):
    ``model_parameters`` and a ready (state-free) optimizer to the converted parameters, each new
    parameter in its old one's group (:mod:`.remap`). A model converted by an earlier call (an
    evaluation or batch-size retry of ``Trainer``) is not converted again: its groups are reused;
+   with ``lr_multipliers`` and DeepSpeed's config-built optimizer, ``model_parameters`` become
+   phantom-aware groups (lr x ``lr_mult``) and the config scheduler's absolute lrs are scaled
+   per group (:mod:`.lr_groups`, whose checks run in step 1);
 5. route the plugin's collectives through ``deepspeed.comm`` (for the rest of the process);
 6. fit ``train_batch_size`` to the data-parallel size when it was computed from the whole world
    (Hugging Face's ``micro x accumulation x world``), then ``deepspeed.initialize(..., mpu=...)``;
@@ -43,6 +46,7 @@ from .config import PhantomConfigError, PhantomParallelConfig, autotp_patterns, 
 from .checkpoint import attach as attach_checkpoints
 from .config import world_size_from_env
 from .groups import PhantomGroups, PhantomMPU, build_groups
+from . import lr_groups
 from .monitor import StepLogger
 from .pipe import count_replicated_once, guard_partitioning, pipeline_groups
 from .remap import check_optimizer_fresh, remap_optimizer, remap_parameters
@@ -162,6 +166,9 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
                                  "builds the phantom and data-parallel groups itself")
     if optimizer is not None and not callable(optimizer):
         check_optimizer_fresh(optimizer)
+    if model_parameters is not None:
+        model_parameters = list(model_parameters)
+    group_plan = lr_groups.plan(cfg, ds, optimizer, model_parameters, lr_scheduler)
     stages = model.num_stages if pipeline else 1
     world = world_size_from_env()
     check_run(cfg, ds, world, pipeline=pipeline, pipe_stages=stages)
@@ -194,6 +201,7 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
             remap_optimizer(optimizer, model, before)
         if pipeline:
             count_replicated_once(model)
+    model_parameters = lr_groups.apply(group_plan, model, ds, optimizer, model_parameters, lr_scheduler)
     _route_collectives(cfg)
 
     # --- 3. DeepSpeed ---------------------------------------------------------------------------
@@ -213,6 +221,9 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
     if engine.global_rank == 0:
         log.info(run.describe())
         print(run.describe(), flush=True)
+        if group_plan.notice:
+            log.info(group_plan.notice)
+            print(group_plan.notice, flush=True)
     return out
 
 
