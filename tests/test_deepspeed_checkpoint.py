@@ -30,6 +30,9 @@ def test_resume_is_bit_exact_and_other_layouts_refused(tmp_path):
             cont, resumed = r["continued"][stage], r["resumed"][stage]
             assert cont == resumed, (stage, cont, resumed)           # bit-identical
             assert r["fresh"][stage] != cont, stage                  # the load did something
+        for stage in ("0", "1", "2"):   # default groups: factors at half the lr (k = n/p), all warmed up
+            lrs = dict((kind, lr) for kind, lr in r["group_lrs"][stage])
+            assert abs(lrs["local"] - 1e-2) < 1e-12 and abs(lrs["compressor"] - 5e-3) < 1e-12, (stage, lrs)
         for what, want in (("ghost", ("ghost_neurons=8", "ghost_neurons=3")),
                            ("size", ("size=2", "size=4"))):
             msg = r["refused"][what]
@@ -86,6 +89,18 @@ def _pipe_steps(engine, steps, gas):
     return [float(engine.train_batch(data_iter=iter([_batch(s, j) for j in range(gas)]))) for s in steps]
 
 
+def _users_config(stage: int) -> dict:
+    """What users get by default: ``lr_multipliers`` "auto" (five optimizer groups, factors at lr x
+    0.5 here) and a ``WarmupLR`` whose per-group lrs the adapter scales; the warm-up ends between the
+    save (step 3) and the last step, so a resumed scheduler at the wrong step changes the losses."""
+    cfg = _config(stage=stage)
+    cfg.pop("comms_logger")
+    del cfg["phantom_parallel"]["lr_multipliers"]
+    cfg["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-2,
+                                                       "warmup_num_steps": 4, "warmup_type": "linear"}}
+    return cfg
+
+
 def _main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -98,10 +113,9 @@ def _main() -> None:
     tmp = Path(args.out)
     deepspeed.init_distributed()
     dp_rank = dist.get_rank() // 2
-    out: dict = {"continued": {}, "resumed": {}, "fresh": {}, "refused": {}, "untouched": {}}
+    out: dict = {"continued": {}, "resumed": {}, "fresh": {}, "refused": {}, "untouched": {}, "group_lrs": {}}
     for stage in (0, 1, 2):
-        cfg = _config(stage=stage)
-        cfg.pop("comms_logger")
+        cfg = _users_config(stage)
         engine = _engine(cfg)
         _steps(engine, range(3), dp_rank)
         engine.save_checkpoint(str(tmp / f"z{stage}"))
@@ -110,6 +124,7 @@ def _main() -> None:
         engine = _engine(cfg)
         engine.load_checkpoint(str(tmp / f"z{stage}"))
         out["resumed"][str(stage)] = _steps(engine, range(3, 6), dp_rank)
+        out["group_lrs"][str(stage)] = sorted({(g.get("kind"), g["lr"]) for g in engine.optimizer.param_groups})
 
     cfg = _config(stage=1)
     cfg.pop("comms_logger")
