@@ -119,18 +119,23 @@ def to_phantom(dense, k, p):
     return SimPhantomFFN(width, dense.depth, k, p, 0, layer_blocks=layer_blocks, dtype=dense.W[0].dtype)
 
 
-def run(model, args, mult, label, measure=True, start=0, snapshots=(), snapshot_to=None):
-    """Adam from step ``start`` to ``args.steps`` (fresh state); after ``s`` steps for ``s`` in
-    ``snapshots``, a copy of the model goes to ``snapshot_to[s]``."""
+def run(model, args, mult, label, measure=True, start=0, snapshots=(), snapshot_to=None, warmup=0):
+    """Adam from step ``start`` to ``args.steps`` (fresh state; with ``warmup``, every group's lr
+    ramps linearly over its first ``warmup`` steps); after ``s`` steps for ``s`` in ``snapshots``,
+    a copy of the model goes to ``snapshot_to[s]``."""
     groups = model.groups()
     opt = torch.optim.Adam([{"params": ps, "lr": args.lr * mult.get(kind, 1.0)} for kind, ps in groups.items()],
                            lr=args.lr)
+    base_lr = [g["lr"] for g in opt.param_groups]
     mask = _offdiag_mask(args.width, args.ranks)
     losses, upd_off, upd_diag = [], [], []
     dtype = next(model.parameters()).dtype
     t0 = time.time()
     for step in range(start, args.steps):
         x, y = teacher_batch(step, args.batch, args.width, args.seed, dtype=dtype)
+        if warmup:
+            for g, lr in zip(opt.param_groups, base_lr):
+                g["lr"] = lr * min(1.0, (step - start + 1) / warmup)
         if measure and step % args.every == 0:
             with torch.no_grad():
                 before = [model.dense(l)[0].clone() for l in range(model.depth)]
@@ -185,6 +190,8 @@ def main():
     ap.add_argument("--warm", type=int, action="append", default=[],
                     help="also run each variant warm-started from the dense model after this many steps")
     ap.add_argument("--no-cold", action="store_true", help="only the warm-started runs of each variant")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="warm starts: ramp the phantom phase's lr linearly over this many steps")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if any(not 0 < s < args.steps for s in args.warm):
@@ -207,11 +214,13 @@ def main():
                                                                   args.ranks, args.seed, **scales))]
         if args.warm and scales:
             ap.error(f"variant {label!r}: init scales do not apply to a warm start (its init is the SVD)")
-        runs += [(s0, f"{label} warm{s0}", to_phantom(snaps[s0], args.ghosts, args.ranks)) for s0 in args.warm]
+        wu = f" wu{args.warmup}" if args.warmup else ""
+        runs += [(s0, f"{label} warm{s0}{wu}", to_phantom(snaps[s0], args.ghosts, args.ranks)) for s0 in args.warm]
         for s0, name, model in runs:
-            r = run(model, args, mult, name, start=s0)
+            r = run(model, args, mult, name, start=s0, warmup=args.warmup if s0 else 0)
             if s0:
-                r.update(losses=dense_losses[:s0] + r["losses"], warm_steps=s0, variant=label)
+                r.update(losses=dense_losses[:s0] + r["losses"], warm_steps=s0, variant=label,
+                         warmup=args.warmup)
             results.append(r)
             print(f"{name}: final {sum(r['losses'][-10:]) / 10:.4f} ({r['seconds']:.0f}s)", flush=True)
     with open(args.out, "w") as f:

@@ -44,7 +44,10 @@ def cost_table(runs, dense, at):
         cells = []
         for s in at:
             n = first_reach(r["losses"], smooth(dense["losses"], s - 1))
-            cells.append("-" if n is None else f"{cost_at(r, n) / s:.2f} ({n})")
+            if n is not None and n <= r.get("warm_steps", 0):
+                cells.append(f"({n}: in the dense phase)")
+            else:
+                cells.append("-" if n is None else f"{cost_at(r, n) / s:.2f} ({n})")
         md.append(f"| {r['k']} | {r['label']} | " + " | ".join(cells) + " |")
     return md
 
@@ -67,9 +70,12 @@ def warm_plot(runs, dense, path):
             s0 = r.get("warm_steps", 0)
             xs = [cost_at(r, i) for i in range(max(1, s0), len(r["losses"]) + 1)]
             ys = [smooth(r["losses"], i - 1) for i in range(max(1, s0), len(r["losses"]) + 1)]
-            style = "-" if s0 else ("--" if r["label"] == "defaults" else ":")
-            name = f"warm after {s0} dense steps" if s0 else f"cold ({'param_groups' if r['label'] == 'defaults' else 'lr x1'})"
-            ax.plot(xs, ys, style, label=name)
+            style = ("-." if r.get("warmup") else "-") if s0 else ("--" if r["label"] == "defaults" else ":")
+            name = (f"warm after {s0} dense steps" + (f", lr warm-up {r['warmup']}" if r.get("warmup") else "")
+                    if s0 else f"cold ({'param_groups' if r['label'] == 'defaults' else 'lr x1'})")
+            color = {0: "tab:orange" if r["label"] == "defaults" else "tab:blue", 10: "tab:green",
+                     25: "tab:red", 50: "tab:purple"}.get(s0)
+            ax.plot(xs, ys, style, color=color, label=name)
         ax.set_xlabel("modeled cost (TP steps of MACs)")
         ax.set_title(f"width {dense['width']}, p=2, k={k}")
         ax.set_yscale("log")
