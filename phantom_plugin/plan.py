@@ -76,12 +76,13 @@ def k_time_to_loss_hint(width: int, ranks: int, ghosts: Optional[int] = None) ->
 
 
 def _hint_note(hint: dict, ghosts: int) -> str:
-    where = {"below": "below it: expect phantom to approach dense-level losses slowly",
-             "inside": "inside it",
-             "above": "above it: on that task more k only added cost per step"}[hint["ghosts_vs_hint"]]
-    return (f"Time to a loss (rule of thumb from one task, not a guarantee): k ~ (n/p)/8 = "
+    where = {"below": "below that range (on that task a smaller k reached dense-level losses later)",
+             "inside": "inside that range",
+             "above": "above that range (on that task a larger k only added cost per step)"}[hint["ghosts_vs_hint"]]
+    return (f"Time to a loss (a rule of thumb from one task, not a guarantee): k ~ (n/p)/8 = "
             f"{hint['early_loss']} for a loss a dense model reaches early, (n/p)/4 = {hint['later_loss']} "
-            f"for later ones; k={ghosts} is {where}. Confirm with a short sweep (README, 'Choosing `k`').")
+            f"for later ones;\nk={ghosts} is {where}. Check with a short sweep on your task "
+            "(README, 'Choosing `k`').")
 
 
 def plan_dict(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,

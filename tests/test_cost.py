@@ -68,6 +68,6 @@ def test_phantom_plan_time_to_loss_hint(capsys):
     assert doc["k_time_to_loss_hint"]["ghosts_vs_hint"] == ("inside" if 128 <= doc["ghosts"] <= 256 else "below")
     assert plan_main(["--width", "2048", "--depth", "4", "--ranks", "2", "--ghosts", "512"]) == 0
     out = capsys.readouterr().out
-    assert "rule of thumb from one task" in out and "(n/p)/8 = 128" in out and "k=512 is above it" in out
+    assert "rule of thumb from one task" in out and "(n/p)/8 = 128" in out and "k=512 is above that range" in out
     assert plan_main(["--width", "64", "--depth", "2", "--ranks", "1", "--ghosts", "4", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["k_time_to_loss_hint"] is None    # no phantom at p = 1
