@@ -196,6 +196,9 @@ def main():
     args = ap.parse_args()
     if any(not 0 < s < args.steps for s in args.warm):
         ap.error(f"--warm must be between 1 and --steps - 1 = {args.steps - 1}")
+    for v in args.variant if args.warm else ():
+        if "scale_" in v:
+            ap.error(f"variant {v!r}: init scales do not apply to a warm start (its init is the SVD)")
     torch.manual_seed(0)
     results, snaps, dense_losses = [], {}, []
     if args.dense or args.warm:
@@ -212,8 +215,6 @@ def main():
         scales = {k: x for k, x in kv.items() if k.startswith("scale_")}
         runs = [] if args.no_cold else [(0, label, SimPhantomFFN(args.width, args.depth, args.ghosts,
                                                                   args.ranks, args.seed, **scales))]
-        if args.warm and scales:
-            ap.error(f"variant {label!r}: init scales do not apply to a warm start (its init is the SVD)")
         wu = f" wu{args.warmup}" if args.warmup else ""
         runs += [(s0, f"{label} warm{s0}{wu}", to_phantom(snaps[s0], args.ghosts, args.ranks)) for s0 in args.warm]
         for s0, name, model in runs:
