@@ -10,12 +10,23 @@ multipliers given on the command line. Loss against steps does not depend on mac
 Per step it also records the dense-equivalent update of the off-diagonal blocks,
 ``||W_off(t+1) - W_off(t)||_F``, and of the diagonal blocks, for phantom and for the dense model.
 
+Warm start (``--warm S0``, repeatable): the dense model is trained ``S0`` steps, each layer is
+converted to phantom by the plugin's own factorisation (:func:`phantom_plugin.blocks.blocks_from_dense`,
+what ``PhantomLinear.from_dense`` / ``convert_modules(init="dense")`` compute: ``L_i = W[i,i]``,
+rank-``k`` truncated SVD of each block column's off-diagonal blocks), and training carries on as
+phantom from step ``S0`` on the same batches with a **fresh** Adam state (the dense moments are
+not carried over). Its losses are the dense model's for steps ``< S0``, then phantom's. The
+variant ``defaults`` uses ``param_groups``' default multipliers (``factor_lr_mult`` for C and D).
+
     python benchmarks/param_study.py --width 1024 --ranks 2 --ghosts 16 --steps 200 \
         --variant base --variant "mult_C=4,mult_D=4" --out /tmp/study.json
+    python benchmarks/param_study.py --width 1024 --ghosts 128 --steps 300 --variant defaults \
+        --warm 10 --warm 25 --warm 50 --out /tmp/warm.json
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -23,17 +34,24 @@ import time
 import torch
 from torch import nn
 
+from phantom_plugin import blocks as phantom_blocks
 from phantom_plugin import init
+from phantom_plugin.optim import factor_lr_mult
 from phantom_plugin.bench.runner import teacher_batch
 
 
 class SimPhantomFFN(nn.Module):
-    def __init__(self, width, depth, k, p, seed, *, scale_C=1.0, scale_D=1.0, scale_L=1.0, init_kind=None):
+    def __init__(self, width, depth, k, p, seed, *, scale_C=1.0, scale_D=1.0, scale_L=1.0, init_kind=None,
+                 layer_blocks=None, dtype=torch.float32):
+        """``layer_blocks[l]``: every rank's blocks of layer ``l`` (``init.master_blocks`` layout);
+        default: the seeded initialisation of ``phantom_plugin.init``."""
         super().__init__()
         self.p, self.k, self.width, self.depth = p, k, width, depth
         self.L, self.C, self.D, self.b = (nn.ParameterList() for _ in range(4))
         for l in range(depth):
-            blocks = init.master_blocks(seed + l, width, width, k, p)
+            blocks = (layer_blocks[l] if layer_blocks is not None
+                      else init.master_blocks(seed + l, width, width, k, p))
+            blocks = [{key: t.to(dtype) for key, t in b.items()} for b in blocks]
             for r in range(p):
                 self.L.append(nn.Parameter(blocks[r]["local_weight"] * scale_L))
                 self.C.append(nn.Parameter(blocks[r]["compressor"] * scale_C))
@@ -63,11 +81,13 @@ class SimPhantomFFN(nn.Module):
 
 
 class DenseFFN(nn.Module):
-    def __init__(self, width, depth, seed):
+    def __init__(self, width, depth, seed, dtype=torch.float32):
         super().__init__()
         self.depth = depth
-        self.W = nn.ParameterList([nn.Parameter(init.dense_master(seed + l, width, width)) for l in range(depth)])
-        self.b = nn.ParameterList([nn.Parameter(init.dense_bias(seed + l, width, width)) for l in range(depth)])
+        self.W = nn.ParameterList([nn.Parameter(init.dense_master(seed + l, width, width).to(dtype))
+                                   for l in range(depth)])
+        self.b = nn.ParameterList([nn.Parameter(init.dense_bias(seed + l, width, width).to(dtype))
+                                   for l in range(depth)])
 
     def dense(self, l):
         return self.W[l], self.b[l]
@@ -91,15 +111,31 @@ def _offdiag_mask(n, p):
     return m
 
 
-def run(model, args, mult, label, measure=True):
+def to_phantom(dense, k, p):
+    """The dense model's phantom equivalent at ``k``, as ``from_dense`` computes it (truncated SVD)."""
+    width = dense.W[0].shape[1]
+    layer_blocks = [phantom_blocks.blocks_from_dense(dense.W[l].detach(), dense.b[l].detach(), p, k)
+                    for l in range(dense.depth)]
+    return SimPhantomFFN(width, dense.depth, k, p, 0, layer_blocks=layer_blocks, dtype=dense.W[0].dtype)
+
+
+def run(model, args, mult, label, measure=True, start=0, snapshots=(), snapshot_to=None, warmup=0):
+    """Adam from step ``start`` to ``args.steps`` (fresh state; with ``warmup``, every group's lr
+    ramps linearly over its first ``warmup`` steps); after ``s`` steps for ``s`` in ``snapshots``,
+    a copy of the model goes to ``snapshot_to[s]``."""
     groups = model.groups()
     opt = torch.optim.Adam([{"params": ps, "lr": args.lr * mult.get(kind, 1.0)} for kind, ps in groups.items()],
                            lr=args.lr)
+    base_lr = [g["lr"] for g in opt.param_groups]
     mask = _offdiag_mask(args.width, args.ranks)
     losses, upd_off, upd_diag = [], [], []
+    dtype = next(model.parameters()).dtype
     t0 = time.time()
-    for step in range(args.steps):
-        x, y = teacher_batch(step, args.batch, args.width, args.seed)
+    for step in range(start, args.steps):
+        x, y = teacher_batch(step, args.batch, args.width, args.seed, dtype=dtype)
+        if warmup:
+            for g, lr in zip(opt.param_groups, base_lr):
+                g["lr"] = lr * min(1.0, (step - start + 1) / warmup)
         if measure and step % args.every == 0:
             with torch.no_grad():
                 before = [model.dense(l)[0].clone() for l in range(model.depth)]
@@ -108,6 +144,8 @@ def run(model, args, mult, label, measure=True):
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if step + 1 in snapshots:
+            snapshot_to[step + 1] = copy.deepcopy(model)
         if measure and step % args.every == 0:
             with torch.no_grad():
                 off = diag = 0.0
@@ -126,6 +164,14 @@ def parse_variant(s):
     return s, {k: float(v) for k, v in kv.items()}
 
 
+def variant_mults(kv, label, k, width, p):
+    """Per-kind lr multipliers of a variant; ``defaults`` is ``param_groups``' rule."""
+    mult = {key[5:]: x for key, x in kv.items() if key.startswith("mult_")}
+    if label == "defaults":
+        mult = {"C": factor_lr_mult(k, width // p), "D": factor_lr_mult(k, width // p)}
+    return mult
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--width", type=int, default=1024)
@@ -139,23 +185,45 @@ def main():
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--dense", action="store_true", help="also train the dense (TP-equivalent) model")
     ap.add_argument("--variant", action="append", default=[],
-                    help="comma list: mult_L, mult_C, mult_D, mult_b, scale_C, scale_D, scale_L")
+                    help="comma list: mult_L, mult_C, mult_D, mult_b, scale_C, scale_D, scale_L; "
+                         "'defaults': param_groups' multipliers")
+    ap.add_argument("--warm", type=int, action="append", default=[],
+                    help="also run each variant warm-started from the dense model after this many steps")
+    ap.add_argument("--no-cold", action="store_true", help="only the warm-started runs of each variant")
+    ap.add_argument("--warmup", type=int, default=0,
+                    help="warm starts: ramp the phantom phase's lr linearly over this many steps")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if any(not 0 < s < args.steps for s in args.warm):
+        ap.error(f"--warm must be between 1 and --steps - 1 = {args.steps - 1}")
+    for v in args.variant if args.warm else ():
+        if "scale_" in v:
+            ap.error(f"variant {v!r}: init scales do not apply to a warm start (its init is the SVD)")
     torch.manual_seed(0)
-    results = []
-    if args.dense:
-        r = run(DenseFFN(args.width, args.depth, args.seed), args, {}, "dense")
-        results.append(r)
+    results, snaps, dense_losses = [], {}, []
+    if args.dense or args.warm:
+        dense_args = argparse.Namespace(**dict(vars(args), steps=args.steps if args.dense else max(args.warm)))
+        r = run(DenseFFN(args.width, args.depth, args.seed), dense_args, {}, "dense",
+                snapshots=set(args.warm), snapshot_to=snaps)
+        dense_losses = r["losses"]
+        if args.dense:
+            results.append(r)
         print(f"dense: final {sum(r['losses'][-10:]) / 10:.4f} ({r['seconds']:.0f}s)", flush=True)
     for v in args.variant:
         label, kv = parse_variant(v)
-        mult = {k[5:]: x for k, x in kv.items() if k.startswith("mult_")}
+        mult = variant_mults(kv, label, args.ghosts, args.width, args.ranks)
         scales = {k: x for k, x in kv.items() if k.startswith("scale_")}
-        model = SimPhantomFFN(args.width, args.depth, args.ghosts, args.ranks, args.seed, **scales)
-        r = run(model, args, mult, label)
-        results.append(r)
-        print(f"{label}: final {sum(r['losses'][-10:]) / 10:.4f} ({r['seconds']:.0f}s)", flush=True)
+        runs = [] if args.no_cold else [(0, label, SimPhantomFFN(args.width, args.depth, args.ghosts,
+                                                                  args.ranks, args.seed, **scales))]
+        wu = f" wu{args.warmup}" if args.warmup else ""
+        runs += [(s0, f"{label} warm{s0}{wu}", to_phantom(snaps[s0], args.ghosts, args.ranks)) for s0 in args.warm]
+        for s0, name, model in runs:
+            r = run(model, args, mult, name, start=s0, warmup=args.warmup if s0 else 0)
+            if s0:
+                r.update(losses=dense_losses[:s0] + r["losses"], warm_steps=s0, variant=label,
+                         warmup=args.warmup)
+            results.append(r)
+            print(f"{name}: final {sum(r['losses'][-10:]) / 10:.4f} ({r['seconds']:.0f}s)", flush=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "results": results}, f)
 

@@ -11,7 +11,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["dense_from_blocks", "svd_block_column", "split_decompressor"]
+__all__ = ["dense_from_blocks", "svd_block_column", "split_decompressor", "decompressor_from_factors",
+           "blocks_from_dense"]
 
 
 def split_decompressor(decomp: torch.Tensor, p: int, rank: int) -> dict[int, torch.Tensor]:
@@ -50,3 +51,41 @@ def svd_block_column(weight: torch.Tensor, p: int, k: int, col: int) -> tuple[to
     comp[:kk] = vh[:kk]
     fac[:, :kk] = u[:, :kk] * s[:kk]
     return comp, fac, (s[kk:] ** 2).sum()
+
+
+def decompressor_from_factors(factors: Sequence[torch.Tensor], p: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s ``[D_rank,j for j != rank]`` ``[n_out/p, (p-1)k]`` from every block column's
+    ``F`` (``factors[j]``, the second result of :func:`svd_block_column` for column ``j``; the
+    entry ``factors[rank]`` is not read)."""
+    parts = []
+    for j in range(p):
+        if j == rank:
+            continue
+        mo = factors[j].shape[0] // (p - 1)
+        slot = rank if rank < j else rank - 1                      # rank's row block in column j
+        parts.append(factors[j][slot * mo:(slot + 1) * mo])
+    return torch.cat(parts, dim=1)
+
+
+def blocks_from_dense(weight: torch.Tensor, bias: Optional[torch.Tensor], p: int, k: int) -> list[dict[str, torch.Tensor]]:
+    """Every rank's parameters of ``PhantomLinear.from_dense(weight, bias, ghost_dim=k)`` in one process.
+
+    The same factorisation (:func:`svd_block_column` per block column, float64) and assembly
+    (:func:`decompressor_from_factors`) as the distributed ``from_dense``, cast to ``weight``'s
+    dtype; keys as :func:`phantom_plugin.init.master_blocks` (``"bias"`` only with a bias). For
+    single-process references and studies.
+    """
+    n_out, n_in = weight.shape
+    mo, mi = n_out // p, n_in // p
+    w = weight.detach()
+    cols = [svd_block_column(w, p, k, j)[:2] for j in range(p)] if p > 1 else []
+    out = []
+    for r in range(p):
+        blocks = {"local_weight": w[r * mo:(r + 1) * mo, r * mi:(r + 1) * mi].clone()}
+        if bias is not None:
+            blocks["bias"] = bias.detach()[r * mo:(r + 1) * mo].clone()
+        if p > 1:
+            blocks["compressor"] = cols[r][0].to(w.dtype)
+            blocks["decompressor"] = decompressor_from_factors([f for _, f in cols], p, r).to(w.dtype)
+        out.append(blocks)
+    return out

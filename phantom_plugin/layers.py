@@ -177,14 +177,8 @@ class PhantomLinear(nn.Module):
         comp, fac, dropped = blocks.svd_block_column(w, p, k, r)       # [k, mi], [(p-1)mo, k], []
         packed = torch.cat([fac.reshape(-1), dropped.reshape(1)])
         every = comm.all_gather(packed, g, tag="from_dense")            # [p, (p-1)mo*k + 1]
-        decomp = []
-        for j in range(p):
-            if j == r:
-                continue
-            fac_j = every[j, :-1].reshape((p - 1) * mo, k)
-            slot = r if r < j else r - 1                                # rank r's row block in column j
-            decomp.append(fac_j[slot * mo:(slot + 1) * mo])
-        return comp, torch.cat(decomp, dim=1), every[:, -1].sum()
+        factors = [every[j, :-1].reshape((p - 1) * mo, k) for j in range(p)]
+        return comp, blocks.decompressor_from_factors(factors, p, r), every[:, -1].sum()
 
 
 def _shape_error(n_in: int, n_out: int, k: int, p: int, dtype: torch.dtype) -> Optional[str]:

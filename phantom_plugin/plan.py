@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from . import cost
 
-__all__ = ["main", "plan_table"]
+__all__ = ["main", "plan_table", "k_time_to_loss_hint"]
 
 
 def _fmt(n: float) -> str:
@@ -53,6 +53,36 @@ def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtyp
         ratio = f"{b / a:.4f}" if a else "-"
         out.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
     return "\n".join(out)
+
+
+def k_time_to_loss_hint(width: int, ranks: int, ghosts: Optional[int] = None) -> dict:
+    """Rule of thumb for the ``k`` at which phantom reaches a loss soonest (README, "Choosing `k`").
+
+    From one task only (the teacher FFN, width 1024, ``p = 2``, Adam, ``param_study.py``): a loss
+    a dense model reaches early (~50 steps) needed ``k ~ (n/p)/8``, one it reaches later (100-200
+    steps) ``k ~ (n/p)/4``; a larger ``k`` only added cost per step. Returns ``{"early_loss",
+    "later_loss", "n_over_p", "ghosts_vs_hint", "basis"}``; ``ghosts_vs_hint`` places ``ghosts``
+    (if given) below, inside or above that range.
+    """
+    local = width // ranks
+    early, later = max(1, local // 8), max(1, local // 4)
+    where = None
+    if ghosts is not None:
+        where = "below" if ghosts < early else "above" if ghosts > later else "inside"
+    return {"early_loss": early, "later_loss": later, "n_over_p": local, "ghosts_vs_hint": where,
+            "basis": "rule of thumb from one task (teacher FFN, width 1024, p=2, Adam, 300 steps): "
+                     "k ~ (n/p)/8 reached a dense model's early loss soonest, (n/p)/4 its later "
+                     "losses; larger k only added cost per step. Check with a short sweep on your task"}
+
+
+def _hint_note(hint: dict, ghosts: int) -> str:
+    where = {"below": "below that range (on that task a smaller k reached dense-level losses later)",
+             "inside": "inside that range",
+             "above": "above that range (on that task a larger k only added cost per step)"}[hint["ghosts_vs_hint"]]
+    return (f"Time to a loss (a rule of thumb from one task, not a guarantee): k ~ (n/p)/8 = "
+            f"{hint['early_loss']} for a loss a dense model reaches early, (n/p)/4 = {hint['later_loss']} "
+            f"for later ones;\nk={ghosts} is {where}. Check with a short sweep on your task "
+            "(README, 'Choosing `k`').")
 
 
 def plan_dict(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,
@@ -148,8 +178,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"--ghosts must be between 1 and width/ranks = {a.width // a.ranks}")
     pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation)
             if a.calibrate else None)
+    hint = k_time_to_loss_hint(a.width, a.ranks, ghosts) if a.ranks > 1 else None
     if a.json:
-        print(json.dumps(plan_dict(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, pred), indent=1))
+        out = plan_dict(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, pred)
+        out["k_time_to_loss_hint"] = hint
+        print(json.dumps(out, indent=1))
         return 0
     table = plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype)
     if pred is not None:
@@ -158,6 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"collective latency {pred['link'].get('latency_s', 0) * 1e6:.0f} us, bandwidth "
             f"{pred['link'].get('bandwidth_bytes_per_s', 0) / 1e9:.2f} GB/s (largest message); "
             "communication added, not overlapped.")
+    if hint is not None:
+        table += "\n\n" + _hint_note(hint, ghosts)
     print(table)
     return 0
 

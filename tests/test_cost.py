@@ -50,3 +50,24 @@ def test_phantom_plan_cli(capsys):
         plan_main(["--width", "100", "--depth", "2", "--ranks", "8", "--ghosts", "4"])
     assert "not divisible" in capsys.readouterr().err
 
+
+
+def test_phantom_plan_time_to_loss_hint(capsys):
+    import json
+    from phantom_plugin.plan import k_time_to_loss_hint
+    # (n/p)/8 and (n/p)/4, placed against the k in use
+    for width, ranks, ghosts, want in ((1024, 2, 32, "below"), (1024, 2, 64, "inside"), (1024, 2, 128, "inside"),
+                                       (1024, 2, 256, "above"), (8192, 8, 200, "inside"), (16, 2, 1, "inside")):
+        hint = k_time_to_loss_hint(width, ranks, ghosts)
+        local = width // ranks
+        assert (hint["early_loss"], hint["later_loss"]) == (max(1, local // 8), max(1, local // 4))
+        assert hint["ghosts_vs_hint"] == want and "one task" in hint["basis"]
+    assert plan_main(["--width", "2048", "--depth", "4", "--ranks", "2", "--param-budget", "0.625", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["k_time_to_loss_hint"]["early_loss"] == 128 and doc["k_time_to_loss_hint"]["later_loss"] == 256
+    assert doc["k_time_to_loss_hint"]["ghosts_vs_hint"] == ("inside" if 128 <= doc["ghosts"] <= 256 else "below")
+    assert plan_main(["--width", "2048", "--depth", "4", "--ranks", "2", "--ghosts", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "rule of thumb from one task" in out and "(n/p)/8 = 128" in out and "k=512 is above that range" in out
+    assert plan_main(["--width", "64", "--depth", "2", "--ranks", "1", "--ghosts", "4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["k_time_to_loss_hint"] is None    # no phantom at p = 1
