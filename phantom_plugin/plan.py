@@ -166,12 +166,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ghosts = a.ghosts
     if a.param_budget is not None or a.traffic_budget is not None:
         try:
-            ghosts = cost.suggest_ghost_dim(a.width, a.depth, p=a.ranks, batch=a.batch,
-                                            param_budget=a.param_budget, traffic_budget=a.traffic_budget)
+            budgets = dict(p=a.ranks, batch=a.batch, param_budget=a.param_budget, traffic_budget=a.traffic_budget)
+            largest = cost.suggest_ghost_dim(a.width, a.depth, **budgets)
+            ghosts = cost.suggest_ghost_dim(a.width, a.depth, multiple_of=8, **budgets)
         except ValueError as e:
             ap.error(str(e))
         if not a.json:
-            print(f"suggested --ghosts {ghosts} (largest k within the budget)\n")
+            why = ("largest k within the budget" if ghosts == largest else
+                   f"largest multiple of 8 within the budget; the largest k is {largest}, but odd k slows "
+                   "the k-wide GEMMs and tensor cores want multiples of 8")
+            print(f"suggested --ghosts {ghosts} ({why})\n")
     if ghosts is None:
         ap.error("give --ghosts K, or --param-budget / --traffic-budget to have k suggested")
     if not 1 <= ghosts <= a.width // a.ranks:

@@ -38,6 +38,11 @@ def test_suggest_ghost_dim_respects_budgets():
     assert cost.phantom_ffn_cost(2048, 4, p=8, k=k + 1, batch=1).params > 0.25 * cost.tp_ffn_cost(2048, 4, p=8, batch=1).params
     with pytest.raises(ValueError, match="raise the budget"):
         cost.suggest_ghost_dim(2048, 4, p=2, param_budget=0.1)
+    # rounded down to a multiple when one fits (127 -> 120), the largest k otherwise
+    assert cost.suggest_ghost_dim(2048, 4, p=4, param_budget=0.5) == 127
+    assert cost.suggest_ghost_dim(2048, 4, p=4, param_budget=0.5, multiple_of=8) == 120
+    small = cost.suggest_ghost_dim(64, 2, p=4, param_budget=0.4)
+    assert small == 2 and cost.suggest_ghost_dim(64, 2, p=4, param_budget=0.4, multiple_of=8) == small
 
 
 def test_phantom_plan_cli(capsys):
@@ -46,6 +51,9 @@ def test_phantom_plan_cli(capsys):
     assert "| parameters (whole group) |" in out and "phantom/TP" in out
     assert plan_main(["--width", "2048", "--depth", "4", "--ranks", "8", "--param-budget", "0.25"]) == 0
     assert "suggested --ghosts" in capsys.readouterr().out
+    assert plan_main(["--width", "2048", "--depth", "4", "--ranks", "4", "--param-budget", "0.5"]) == 0
+    assert "suggested --ghosts 120 (largest multiple of 8 within the budget; the largest k is 127" in \
+        capsys.readouterr().out
     with pytest.raises(SystemExit):
         plan_main(["--width", "100", "--depth", "2", "--ranks", "8", "--ghosts", "4"])
     assert "not divisible" in capsys.readouterr().err
