@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 from typing import Union
 
 from . import cost
 
-__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Framework", "Term", "step_terms", "predict"]
+__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Framework", "Term", "step_terms", "predict",
+           "LinkFit", "fit_alpha_beta", "ladder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +44,9 @@ class Gemm:
 @dataclasses.dataclass(frozen=True)
 class Pointwise:
     """An elementwise pass over ``[rows, cols]``: ``"act"`` (activation forward and backward),
-    ``"bias_grad"`` (sum over rows), ``"loss"`` (MSE forward and backward)."""
+    ``"bias_grad"`` (sum over rows), ``"bias_add"`` (a bias added by its own pass, as megatron's
+    layers do), ``"copy"`` (a tensor copied, as at a phantom block's edges), ``"loss"`` (MSE
+    forward and backward)."""
     kind: str
     rows: int
     cols: int
@@ -104,6 +108,8 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
     terms: collections.Counter = collections.Counter()
     if mode == "phantom":
         c = cost.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=elt)
+        if p > 1:                # the block's edges: own slice of the input, concatenated output
+            terms.update([Pointwise("copy", b, m), Pointwise("copy", b, n)])
         for l in range(depth):
             terms.update(_phantom_layer(b, m, m, k, p, first=l == 0))
             terms[Pointwise("bias_grad", b, m)] += 1
@@ -118,9 +124,11 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
             else:               # row: W [n, n/p]
                 terms.update([Gemm(b, m, n, b_t=True), Gemm(n, b, m, a_t=True), Gemm(b, n, m)])
                 out = n
-            terms[Pointwise("bias_grad", b, out)] += 1
+            terms.update([Pointwise("bias_grad", b, out), Pointwise("bias_add", b, out)])
             if l < depth - 1:
                 terms[Pointwise("act", b, out, activation)] += 1
+        if depth % 2 and p > 1:  # an odd last (column) layer: its output all-gathered and concatenated
+            terms[Pointwise("copy", b, n)] += 1
     terms[Pointwise("loss", b, n)] += 1
     terms[Optimizer(c.params_per_rank)] += 1
     for msg in c.messages:
@@ -136,3 +144,56 @@ def predict(terms: collections.Counter, seconds: dict) -> dict:
     for term, count in terms.items():
         parts[type(term).__name__.lower()] += count * seconds[term]
     return {"step_time_s": sum(parts.values()), "parts_s": dict(parts)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkFit:
+    """Time of one collective ``op`` on ``p`` ranks as ``alpha_s + beta_s_per_byte * bytes_sent``
+    (bytes one rank sends, as :class:`Collective` counts them)."""
+    op: str
+    p: int
+    alpha_s: float
+    beta_s_per_byte: float
+
+    def seconds(self, bytes_sent: int) -> float:
+        return self.alpha_s + self.beta_s_per_byte * bytes_sent
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return 1.0 / self.beta_s_per_byte if self.beta_s_per_byte > 0 else float("inf")
+
+
+def fit_alpha_beta(samples) -> tuple[float, float]:
+    """``(alpha, beta)`` of ``seconds = alpha + beta * size`` from ``(size, seconds)`` samples, several
+    repetitions per size: the median of each size first (a repetition that queued behind another
+    process moves nothing), then least squares over the sizes weighted by ``1 / median**2``, so a
+    1 KB and a 1 MB message count by their relative error. Both are kept ``>= 0`` (the best fit
+    with the other at its bound). Needs two distinct sizes."""
+    by_size: dict = collections.defaultdict(list)
+    for size, secs in samples:
+        by_size[float(size)].append(float(secs))
+    if len(by_size) < 2:
+        raise ValueError(f"fit_alpha_beta: needs samples at two or more sizes, got {sorted(by_size)}")
+    pts = [(x, statistics.median(ts)) for x, ts in sorted(by_size.items())]
+    w = [1.0 / max(y, 1e-12) ** 2 for _, y in pts]
+    sw = sum(w)
+    sx = sum(wi * x for wi, (x, _) in zip(w, pts))
+    sy = sum(wi * y for wi, (_, y) in zip(w, pts))
+    sxx = sum(wi * x * x for wi, (x, _) in zip(w, pts))
+    sxy = sum(wi * x * y for wi, (x, y) in zip(w, pts))
+    det = sw * sxx - sx * sx
+    beta = (sw * sxy - sx * sy) / det if det > 0 else 0.0
+    alpha = (sy - beta * sx) / sw
+    if beta < 0:                 # slower for smaller messages: noise; the weighted mean, flat
+        return sy / sw, 0.0
+    if alpha < 0:                # through the origin
+        return 0.0, sxy / sxx
+    return alpha, beta
+
+
+def ladder(largest: int, p: int, points: int = 7) -> list[int]:
+    """Message sizes (values, multiples of ``p``) for fitting a collective: geometric from one
+    value per rank to ``largest``, ``points`` of them (fewer when they coincide)."""
+    top = max(1, -(-largest // p))
+    out = sorted({max(1, round(top ** (i / (points - 1)))) * p for i in range(points)})
+    return out
