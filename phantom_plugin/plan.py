@@ -103,7 +103,7 @@ def _prediction_rows(pred: dict) -> list[str]:
     t = pred["predicted_step_time_s"]
     rows = [f"| predicted step time (calibrated here) | {t['tp'] * 1e3:.1f} ms | {t['phantom'] * 1e3:.1f} ms "
             f"| {pred['ratio']:.4f} |"]
-    for part in ("gemm", "pointwise", "optimizer", "collective", "framework"):
+    for part in ("gemm", "pointwise", "optimizer", "collective", "wait", "framework"):
         a, b = pred["parts_s"]["tp"].get(part, 0.0), pred["parts_s"]["phantom"].get(part, 0.0)
         ratio = f"{b / a:.4f}" if a else "-"
         rows.append(f"| - of which {part} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio} |")

@@ -1,6 +1,6 @@
 """A step-time model: the work of one training step of a TP or phantom FFN as a list of terms
-(GEMMs of exact shapes, pointwise passes, the optimizer, collectives), and their sum once each
-term has a measured time.
+(GEMMs of exact shapes, pointwise passes, the optimizer, collectives, ranks waiting for each
+other, the framework's own cost), and their sum once each term has a measured time.
 
 The terms follow the code, not the paper's idealisation: :mod:`phantom_plugin.ops` for phantom
 (ghost, local and decompression GEMMs forward; six GEMMs backward, two of them skipped for the
@@ -9,10 +9,17 @@ first layer, whose input needs no grad) and megatron-core's ``ColumnParallelLine
 from :mod:`phantom_plugin.cost`, so bytes are the ones the byte counter measures. Times per term
 come from :mod:`phantom_plugin.bench.calibrate` (``phantom-plan --calibrate``).
 
-What the terms leave out (autograd, Python, allocations, edge copies) is one more term,
-:class:`Framework`, measured on a tiny real step. Communication is added, not overlapped: on the 2-core CPU machine the ghost exchange does not
-hide behind the GEMMs (the README's A/B measurement), and megatron's async input-grad all-reduce
-has no spare core either. Leaf module: torch-free.
+Collectives are priced by an alpha-beta fit per op (:class:`LinkFit`, :func:`fit_alpha_beta`:
+latency plus bytes over bandwidth, fitted over a ladder of sizes). A collective also makes the
+ranks meet: one that computed longer (time-sliced by other ranks or processes) keeps the others
+waiting, which neither the compute nor the collective timed alone shows; :class:`Wait` measures
+that per collective, after a step's worth of compute between two collectives. What the terms
+leave out (autograd, Python, allocations, and whatever a collective costs inside a real step
+beyond its fit) is :class:`Framework`, measured as a tiny real step of the same mode, depth and
+ranks less its own terms: the same count of autograd nodes and collectives as the real step, so
+it carries their fixed costs to it. Communication is added, not overlapped: on the 2-core CPU
+machine the ghost exchange does not hide behind the GEMMs (the README's A/B measurement), and
+megatron's async input-grad all-reduce has no spare core either. Leaf module: torch-free.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Union
 
 from . import cost
 
-__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Framework", "Term", "step_terms", "predict",
+__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Wait", "Framework", "Term", "step_terms", "predict",
            "LinkFit", "fit_alpha_beta", "ladder"]
 
 
@@ -79,10 +86,21 @@ class Framework:
     p: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    """Ranks meeting at a collective after computing apart: ``calls`` back-to-back ``gemm`` s (a
+    step's compute between two collectives), then a collective, costs more than both alone by
+    the spread of the ranks' arrival (time-slicing: other ranks, other processes, more ranks
+    than cores). One per collective of the step; measured, not derived."""
+    gemm: Gemm
+    calls: int
+    p: int
+
+
 # the tiny model whose real step measures Framework: width TINY_WIDTH_PER_RANK * p, k 1, batch TINY_BATCH
 TINY_WIDTH_PER_RANK, TINY_BATCH = 16, 2
 
-Term = Union[Gemm, Pointwise, Optimizer, Collective, Framework]
+Term = Union[Gemm, Pointwise, Optimizer, Collective, Wait, Framework]
 
 
 def _phantom_layer(b: int, mi: int, mo: int, k: int, p: int, first: bool) -> list[Term]:
@@ -133,6 +151,11 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
     terms[Optimizer(c.params_per_rank)] += 1
     for msg in c.messages:
         terms[Collective(msg.op, msg.values, p, msg.bytes_sent)] += 1
+    gemms = {t: n for t, n in terms.items() if isinstance(t, Gemm)}
+    if c.messages and gemms:     # the compute between two collectives, as calls of the step's main GEMM
+        unit = max(gemms, key=lambda g: (gemms[g] * g.macs, g.macs, repr(g)))
+        per_segment = sum(g.macs * n for g, n in gemms.items()) / len(c.messages)
+        terms[Wait(unit, max(1, round(per_segment / unit.macs)), p)] += len(c.messages)
     if framework:
         terms[Framework(mode, depth, p)] += 1
     return terms

@@ -1,6 +1,7 @@
 """The step-time model's terms against the cost model, and ``phantom-plan --calibrate`` / ``--json``
 end to end on 2 gloo ranks (tiny shapes)."""
 import json
+import math
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_predict_sums_terms_by_kind():
     secs = {t: 1e-3 for t in terms}
     out = timing.predict(terms, secs)
     assert out["step_time_s"] == pytest.approx(1e-3 * sum(terms.values()))
-    assert set(out["parts_s"]) == {"gemm", "pointwise", "optimizer", "collective", "framework"}
+    assert set(out["parts_s"]) == {"gemm", "pointwise", "optimizer", "collective", "wait", "framework"}
 
 
 def test_plan_calibrate_json(capsys):
@@ -48,8 +49,11 @@ def test_plan_calibrate_json(capsys):
     assert t["tp"] > 0 and t["phantom"] > 0 and doc["ratio"] == pytest.approx(t["phantom"] / t["tp"])
     for mode in ("tp", "phantom"):
         assert sum(doc["parts_s"][mode].values()) == pytest.approx(t[mode])
-        assert doc["parts_s"][mode]["collective"] > 0 and doc["parts_s"][mode]["framework"] >= 0
+        assert doc["parts_s"][mode]["collective"] > 0
+        # residuals of measured times: finite, of either sign (a tiny step can beat its terms' sum)
+        assert math.isfinite(doc["parts_s"][mode]["framework"]) and math.isfinite(doc["parts_s"][mode]["wait"])
     assert doc["link"]["latency_s"] > 0 and doc["link"]["bandwidth_bytes_per_s"] > 0
+    assert set(doc["link"]["fits"]) == {"all_gather", "reduce_scatter", "all_reduce"}
     assert doc["modeled"]["phantom"]["params"] == cost.phantom_ffn_cost(64, 3, p=2, k=4, batch=8).params
 
 
@@ -76,6 +80,22 @@ def test_edge_and_bias_add_terms():
         assert adds == depth                       # megatron adds each layer's bias in a pass of its own
         gathered = tp.get(timing.Pointwise("copy", b, n), 0)
         assert gathered == depth % 2               # an odd last layer's output is gathered and concatenated
+
+
+@pytest.mark.parametrize("mode,p,k,depth", [("tp", 2, 0, 4), ("phantom", 2, 8, 4), ("phantom", 4, 3, 3),
+                                             ("tp", 3, 0, 1)])
+def test_wait_terms(mode, p, k, depth):
+    """One Wait per collective; its compute is the step's GEMM MACs split evenly between the collectives."""
+    n, b = 48 * p, 16
+    terms = timing.step_terms(mode, n, depth, p=p, batch=b, k=k)
+    waits = [(t, c) for t, c in terms.items() if isinstance(t, timing.Wait)]
+    colls = sum(c for t, c in terms.items() if isinstance(t, timing.Collective))
+    assert len(waits) == 1 and waits[0][1] == colls
+    w = waits[0][0]
+    assert w.gemm in terms and w.p == p
+    per_segment = _gemm_macs(terms) / colls
+    assert abs(w.calls * w.gemm.macs - per_segment) <= w.gemm.macs / 2 or w.calls == 1
+    assert not any(isinstance(t, timing.Wait) for t in timing.step_terms(mode, n, depth, p=1, batch=b, k=k))
 
 
 def _noisy(alpha, beta, sizes, reps, rng, outliers=0.2):

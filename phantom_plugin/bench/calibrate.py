@@ -1,12 +1,15 @@
 """Measure the terms of :mod:`phantom_plugin.timing` on the ranks that will run the model
-(``phantom-plan --calibrate``): every distinct GEMM shape, pointwise pass, optimizer step and
-collective of a TP and a phantom training step, each timed by all ranks at once (as they run in
-a real step, sharing the cores), median of a few repetitions after a warm-up.
+(``phantom-plan --calibrate``): every distinct GEMM shape, pointwise pass and optimizer step of a
+TP and a phantom training step, each timed by all ranks at once in windows of back-to-back calls
+(as a step runs them, sharing the cores), the median of a few windows after a warm-up.
 
-Collectives are timed with the plugin's own :mod:`phantom_plugin.comm` calls for the phantom
-messages (the gloo all-to-all reduce-scatter included) and ``torch.distributed.all_reduce`` for
-megatron's. Collective latency and bandwidth are also reported: the time of a 1-value all-gather,
-and bytes per second of the largest message. These collectives are instrumentation, not counted.
+Collectives: each op the plan uses (the plugin's own :mod:`phantom_plugin.comm` calls, the gloo
+all-to-all reduce-scatter included; ``torch.distributed.all_reduce`` for megatron's) is timed at a
+ladder of sizes up to its largest message and at the plan's sizes, back to back, the sizes in
+turn within each repetition, and fitted as ``alpha + beta * bytes`` (:func:`timing.fit_alpha_beta`);
+each collective's time is its fit's. :class:`timing.Wait` is the extra of a collective right
+after a step's worth of compute. The fits are reported (``link``). These collectives are
+instrumentation, not counted.
 """
 from __future__ import annotations
 
@@ -123,6 +126,8 @@ def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
         return fits[t.op].seconds(t.bytes_sent)
     if isinstance(t, timing.Framework):
         return _framework_time(t, dt, device, group, reps, fits)
+    if isinstance(t, timing.Wait):
+        return _wait_time(t, dt, device, group, reps)
     if isinstance(t, timing.Gemm):
         fn = _gemm_fn(t, dt, device)
     elif isinstance(t, timing.Pointwise):
@@ -134,6 +139,33 @@ def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
     grad = isinstance(t, timing.Pointwise) and t.kind == "act"
     with torch.set_grad_enabled(grad):
         return _median_time(fn, device, group, reps)
+
+
+def _wait_time(t: timing.Wait, dt, device, group, reps: int) -> float:
+    """``calls`` GEMMs then a one-value all-reduce, less the GEMMs alone and the all-reduce alone
+    (each a window; the median of the differences over ``reps`` rounds, so drift cancels)."""
+    gemm = _gemm_fn(t.gemm, dt, device)
+    one = torch.zeros(1, dtype=dt, device=device)
+
+    def meet():
+        dist.all_reduce(one, group=group)
+
+    def compute():
+        for _ in range(t.calls):
+            gemm()
+
+    def compute_meet():
+        compute()
+        meet()
+    fns = (compute_meet, compute, meet)
+    for fn in fns:
+        fn()
+    calls = [_calls(fn, device, group) for fn in fns]
+    diffs = []
+    for _ in range(reps):
+        a, b, c = (_window(fn, n, device, group) for fn, n in zip(fns, calls))
+        diffs.append(a - b - c)
+    return statistics.median(diffs)
 
 
 def _tiny_terms(t: timing.Framework):
