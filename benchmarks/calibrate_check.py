@@ -94,6 +94,7 @@ def plot(recs: list[dict], path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(5.5, 5))
     ms = [r["measured_s"][x] * 1e3 for r in recs for x in MODES]
     lo, hi = min(ms) * 0.6, max(ms) * 1.6
@@ -105,10 +106,13 @@ def plot(recs: list[dict], path: str) -> None:
                        color="C0" if mode == "tp" else "C1")
             ax.annotate(f"{r['width']}/L{r['depth']}/p{r['ranks']}/k{r['ghosts']}/b{r['batch']}",
                         (r["measured_s"][mode] * 1e3, r["predicted_s"][mode] * 1e3), fontsize=6,
-                        xytext=(3, -8), textcoords="offset points")
+                        xytext=(4, -9 if mode == "phantom" else 4), textcoords="offset points")
         ax.scatter([], [], marker=marker, color="C0" if mode == "tp" else "C1", label=mode)
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured step time (ms)",
            ylabel="predicted step time (ms)", title="phantom-plan --calibrate against phantom-bench")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -28,6 +28,7 @@ from .runner import _DTYPES, quiet_third_party, sync
 __all__ = ["calibrate_rank"]
 
 WINDOW_S, MAX_CALLS = 0.01, 200     # a timing window: at least 10 ms of back-to-back calls, at most 200
+WAIT_CALLS = 3                       # (GEMMs, all-reduce) calls per window of a Wait
 
 
 def _calls(fn, device, group, window_s: float = WINDOW_S) -> int:
@@ -142,30 +143,40 @@ def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
 
 
 def _wait_time(t: timing.Wait, dt, device, group, reps: int) -> float:
-    """``calls`` GEMMs then a one-value all-reduce, less the GEMMs alone and the all-reduce alone
-    (each a window; the median of the differences over ``reps`` rounds, so drift cancels)."""
+    """What ranks lose meeting after ``calls`` GEMMs each: windows of (GEMMs, one-value all-reduce),
+    each rank timing both parts of every call. A call costs every rank the slowest rank's GEMMs
+    plus the all-reduce; the model already counts the GEMMs at the slowest rank's median and the
+    all-reduce alone (its own windows), so the wait is the rest: median (GEMMs + all-reduce) less
+    the slowest rank's median GEMMs less the all-reduce alone. Both medians come from the same
+    windows, so load that comes and goes between windows cancels."""
     gemm = _gemm_fn(t.gemm, dt, device)
     one = torch.zeros(1, dtype=dt, device=device)
 
     def meet():
         dist.all_reduce(one, group=group)
-
-    def compute():
-        for _ in range(t.calls):
-            gemm()
-
-    def compute_meet():
-        compute()
+    alone = _median_time(meet, device, group, reps)
+    for _ in range(2):
+        gemm()
         meet()
-    fns = (compute_meet, compute, meet)
-    for fn in fns:
-        fn()
-    calls = [_calls(fn, device, group) for fn in fns]
-    diffs = []
+    both, compute = [], []
     for _ in range(reps):
-        a, b, c = (_window(fn, n, device, group) for fn, n in zip(fns, calls))
-        diffs.append(a - b - c)
-    return statistics.median(diffs)
+        dist.barrier(group=group)
+        c = a = 0.0
+        for _ in range(WAIT_CALLS):
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(t.calls):
+                gemm()
+            sync(device)
+            t1 = time.perf_counter()
+            meet()
+            c, a = c + t1 - t0, a + time.perf_counter() - t0
+        both.append(a / WAIT_CALLS)
+        compute.append(c / WAIT_CALLS)
+    med = torch.tensor([statistics.median(both), statistics.median(compute)], dtype=torch.float64,
+                       device=comm.collective_device(group))
+    dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+    return med[0].item() - med[1].item() - alone
 
 
 def _tiny_terms(t: timing.Framework):
@@ -174,7 +185,8 @@ def _tiny_terms(t: timing.Framework):
 
 
 def _framework_time(t: timing.Framework, dt, device, group, reps: int, fits: dict) -> float:
-    """A tiny real training step of ``t.mode`` less the sum of its own terms (at least 0)."""
+    """A tiny real training step of ``t.mode`` less the sum of its own terms: of either sign (a
+    negative one says the tiny step's collectives cost less in the step than their fits)."""
     from .runner import RunSpec, build_model, make_optimizer, teacher_batch, train_step
     width, batch = timing.TINY_WIDTH_PER_RANK * t.p, timing.TINY_BATCH
     spec = RunSpec(mode=t.mode, width=width, depth=t.depth, ghost_dim=1, batch=batch, steps=2, warmup=1)
