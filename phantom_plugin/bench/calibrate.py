@@ -143,45 +143,46 @@ def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
 
 
 def _wait_time(t: timing.Wait, dt, device, group, reps: int) -> float:
-    """What ranks lose meeting after ``calls`` GEMMs each: windows of (GEMMs, one-value all-reduce),
-    each rank timing both parts of every call. A call costs every rank the slowest rank's GEMMs
-    plus the all-reduce; the model already counts the GEMMs at the slowest rank's median and the
-    all-reduce alone (its own windows), so the wait is the rest: median (GEMMs + all-reduce) less
-    the slowest rank's median GEMMs less the all-reduce alone. Both medians come from the same
-    windows, so load that comes and goes between windows cancels."""
+    """What ranks lose meeting after ``calls`` GEMMs each. Each of ``reps`` repetitions runs a
+    window of ``WAIT_CALLS`` rounds of (GEMMs, one-value all-reduce), every rank timing its GEMMs
+    in each round, and a window of as many GEMMs back to back, as the GEMM terms are timed. A
+    round costs every rank the slowest rank's GEMMs of that round; the model counts the GEMMs as
+    timed back to back (the slowest rank's median), so the wait is the median over rounds of the
+    slowest rank's time less that (at least 0). The two windows alternate, so slow drift of the
+    load cancels."""
     gemm = _gemm_fn(t.gemm, dt, device)
     one = torch.zeros(1, dtype=dt, device=device)
 
-    def meet():
-        dist.all_reduce(one, group=group)
-    alone = _median_time(meet, device, group, reps)
+    def compute():
+        for _ in range(t.calls):
+            gemm()
     for _ in range(2):
-        gemm()
-        meet()
-    both, compute = [], []
+        compute()
+        dist.all_reduce(one, group=group)
+    rounds, alone = [], []
     for _ in range(reps):
+        alone.append(_window(compute, WAIT_CALLS, device, group))
         dist.barrier(group=group)
-        c = a = 0.0
         for _ in range(WAIT_CALLS):
             sync(device)
             t0 = time.perf_counter()
-            for _ in range(t.calls):
-                gemm()
+            compute()
             sync(device)
-            t1 = time.perf_counter()
-            meet()
-            c, a = c + t1 - t0, a + time.perf_counter() - t0
-        both.append(a / WAIT_CALLS)
-        compute.append(c / WAIT_CALLS)
-    med = torch.tensor([statistics.median(both), statistics.median(compute)], dtype=torch.float64,
-                       device=comm.collective_device(group))
-    dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
-    return med[0].item() - med[1].item() - alone
+            rounds.append(time.perf_counter() - t0)
+            dist.all_reduce(one, group=group)          # the ranks meet
+    mine = torch.tensor(rounds + alone, dtype=torch.float64, device=comm.collective_device(group))
+    every = comm.all_gather(mine, group, tag="calibrate")                # [p, rounds + reps]
+    slowest = every[:, :len(rounds)].max(dim=0).values.median().item()
+    counted = every[:, len(rounds):].median(dim=1).values.max().item()
+    return max(0.0, slowest - counted)
 
 
-def _tiny_terms(t: timing.Framework):
+def _tiny_terms(t: timing.Framework) -> dict:
+    """The tiny step's own terms, less its Wait: with next to no compute between its collectives,
+    what its ranks lose meeting is the framework's (and timing it would only add noise)."""
     width, batch = timing.TINY_WIDTH_PER_RANK * t.p, timing.TINY_BATCH
-    return timing.step_terms(t.mode, width, t.depth, p=t.p, batch=batch, k=1, framework=False)
+    terms = timing.step_terms(t.mode, width, t.depth, p=t.p, batch=batch, k=1, framework=False)
+    return {term: c for term, c in terms.items() if not isinstance(term, timing.Wait)}
 
 
 def _framework_time(t: timing.Framework, dt, device, group, reps: int, fits: dict) -> float:
