@@ -106,7 +106,9 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     """Measure the step terms of both models on ``ranks`` fresh ranks and predict their step times.
 
     Returns ``{"predicted_step_time_s": {"tp", "phantom"}, "ratio", "parts_s": {...},
-    "link": {"latency_s", "bandwidth_bytes_per_s"}, "machine", "threads_per_rank"}``.
+    "link": {"latency_s", "bandwidth_bytes_per_s", "fits"}, "machine", "threads_per_rank", "cores",
+    "oversubscribed"}``. More ranks x threads than ``cores`` (the CPUs this process may run on)
+    share the cores: every term is timed by all ranks at once, so the sharing is in the times.
     """
     import torch
     from . import timing
@@ -117,7 +119,8 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
                                      activation=activation, dtype=dtype) for mode in ("tp", "phantom")}
     distinct = sorted(set(terms["tp"]) | set(terms["phantom"]), key=repr)
     nccl = torch.cuda.is_available() and torch.cuda.device_count() >= ranks
-    threads = threads or max(1, (os.cpu_count() or 1) // ranks)
+    threads = threads or max(1, (os.cpu_count() or 1) // ranks)      # as phantom-bench chooses them
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     secs, link = run_ranks(calibrate_rank, ranks, distinct, dtype, timeout=600,
                            backend="nccl" if nccl else "gloo", threads=threads)[0]
     measured = dict(zip(distinct, secs))
@@ -126,18 +129,30 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     return {"predicted_step_time_s": {m: pred[m]["step_time_s"] for m in pred},
             "ratio": pred["phantom"]["step_time_s"] / pred["tp"]["step_time_s"],
             "parts_s": {m: pred[m]["parts_s"] for m in pred}, "link": link,
-            "machine": machine_description(device), "threads_per_rank": threads}
+            "machine": machine_description(device), "threads_per_rank": threads, "cores": cores,
+            "oversubscribed": not nccl and ranks * threads > cores}
 
 
 def _prediction_rows(pred: dict) -> list[str]:
     t = pred["predicted_step_time_s"]
     rows = [f"| predicted step time (calibrated here) | {t['tp'] * 1e3:.1f} ms | {t['phantom'] * 1e3:.1f} ms "
             f"| {pred['ratio']:.4f} |"]
-    for part in ("gemm", "pointwise", "optimizer", "collective", "framework"):
+    for part in ("gemm", "pointwise", "optimizer", "collective", "wait", "framework"):
         a, b = pred["parts_s"]["tp"].get(part, 0.0), pred["parts_s"]["phantom"].get(part, 0.0)
         ratio = f"{b / a:.4f}" if a else "-"
         rows.append(f"| - of which {part} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio} |")
     return rows
+
+
+def _calibration_note(pred: dict, ranks: int) -> str:
+    over = f" on {pred['cores']} usable cores (oversubscribed)" if pred["oversubscribed"] else ""
+    fits = []
+    for op, f in sorted(pred["link"].get("fits", {}).items()):
+        bw = f"{1e-9 / f['beta_s_per_byte']:.2f} GB/s" if f["beta_s_per_byte"] > 0 else "no size effect"
+        fits.append(f"{op} {f['alpha_s'] * 1e6:.0f} us + bytes at {bw}")
+    return (f"Calibrated on {pred['machine']}, {ranks} ranks x {pred['threads_per_rank']} thread(s){over}; "
+            f"collectives fitted as latency + bytes / bandwidth: {'; '.join(fits) or 'none (one rank)'}; "
+            "communication added, not overlapped.")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -190,11 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     table = plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype)
     if pred is not None:
-        table += "\n" + "\n".join(_prediction_rows(pred)) + (
-            f"\n\nCalibrated on {pred['machine']}, {a.ranks} ranks x {pred['threads_per_rank']} thread(s); "
-            f"collective latency {pred['link'].get('latency_s', 0) * 1e6:.0f} us, bandwidth "
-            f"{pred['link'].get('bandwidth_bytes_per_s', 0) / 1e9:.2f} GB/s (largest message); "
-            "communication added, not overlapped.")
+        table += "\n" + "\n".join(_prediction_rows(pred)) + "\n\n" + _calibration_note(pred, a.ranks)
     if hint is not None:
         table += "\n\n" + _hint_note(hint, ghosts)
     print(table)

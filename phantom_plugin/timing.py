@@ -1,6 +1,6 @@
 """A step-time model: the work of one training step of a TP or phantom FFN as a list of terms
-(GEMMs of exact shapes, pointwise passes, the optimizer, collectives), and their sum once each
-term has a measured time.
+(GEMMs of exact shapes, pointwise passes, the optimizer, collectives, ranks waiting for each
+other, the framework's own cost), and their sum once each term has a measured time.
 
 The terms follow the code, not the paper's idealisation: :mod:`phantom_plugin.ops` for phantom
 (ghost, local and decompression GEMMs forward; six GEMMs backward, two of them skipped for the
@@ -9,20 +9,29 @@ first layer, whose input needs no grad) and megatron-core's ``ColumnParallelLine
 from :mod:`phantom_plugin.cost`, so bytes are the ones the byte counter measures. Times per term
 come from :mod:`phantom_plugin.bench.calibrate` (``phantom-plan --calibrate``).
 
-What the terms leave out (autograd, Python, allocations, edge copies) is one more term,
-:class:`Framework`, measured on a tiny real step. Communication is added, not overlapped: on the 2-core CPU machine the ghost exchange does not
-hide behind the GEMMs (the README's A/B measurement), and megatron's async input-grad all-reduce
-has no spare core either. Leaf module: torch-free.
+Collectives are priced by an alpha-beta fit per op (:class:`LinkFit`, :func:`fit_alpha_beta`:
+latency plus bytes over bandwidth, fitted over a ladder of sizes). A collective also makes the
+ranks meet: one that computed longer (time-sliced by other ranks or processes) keeps the others
+waiting, which neither the compute nor the collective timed alone shows; :class:`Wait` measures
+that per collective, after a step's worth of compute between two collectives. What the terms
+leave out (autograd, Python, allocations, and whatever a collective costs inside a real step
+beyond its fit) is :class:`Framework`, measured as a tiny real step of the same mode, depth and
+ranks less its own terms: the same count of autograd nodes and collectives as the real step, so
+it carries their fixed costs to it. Communication is added, not overlapped: on the 2-core CPU
+machine the ghost exchange does not hide behind the GEMMs (the README's A/B measurement), and
+megatron's async input-grad all-reduce has no spare core either. Leaf module: torch-free.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import statistics
 from typing import Union
 
 from . import cost
 
-__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Framework", "Term", "step_terms", "predict"]
+__all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Wait", "Framework", "Term", "step_terms", "predict",
+           "LinkFit", "fit_alpha_beta", "ladder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +51,9 @@ class Gemm:
 @dataclasses.dataclass(frozen=True)
 class Pointwise:
     """An elementwise pass over ``[rows, cols]``: ``"act"`` (activation forward and backward),
-    ``"bias_grad"`` (sum over rows), ``"loss"`` (MSE forward and backward)."""
+    ``"bias_grad"`` (sum over rows), ``"bias_add"`` (a bias added by its own pass, as megatron's
+    layers do), ``"copy"`` (a tensor copied, as at a phantom block's edges), ``"loss"`` (MSE
+    forward and backward)."""
     kind: str
     rows: int
     cols: int
@@ -75,10 +86,21 @@ class Framework:
     p: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    """Ranks meeting at a collective after computing apart: ``calls`` back-to-back ``gemm`` s (a
+    step's compute between two collectives), then a collective, costs more than both alone by
+    the spread of the ranks' arrival (time-slicing: other ranks, other processes, more ranks
+    than cores). One per collective of the step; measured, not derived."""
+    gemm: Gemm
+    calls: int
+    p: int
+
+
 # the tiny model whose real step measures Framework: width TINY_WIDTH_PER_RANK * p, k 1, batch TINY_BATCH
 TINY_WIDTH_PER_RANK, TINY_BATCH = 16, 2
 
-Term = Union[Gemm, Pointwise, Optimizer, Collective, Framework]
+Term = Union[Gemm, Pointwise, Optimizer, Collective, Wait, Framework]
 
 
 def _phantom_layer(b: int, mi: int, mo: int, k: int, p: int, first: bool) -> list[Term]:
@@ -104,6 +126,8 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
     terms: collections.Counter = collections.Counter()
     if mode == "phantom":
         c = cost.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=elt)
+        if p > 1:                # the block's edges: own slice of the input, concatenated output
+            terms.update([Pointwise("copy", b, m), Pointwise("copy", b, n)])
         for l in range(depth):
             terms.update(_phantom_layer(b, m, m, k, p, first=l == 0))
             terms[Pointwise("bias_grad", b, m)] += 1
@@ -118,13 +142,20 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
             else:               # row: W [n, n/p]
                 terms.update([Gemm(b, m, n, b_t=True), Gemm(n, b, m, a_t=True), Gemm(b, n, m)])
                 out = n
-            terms[Pointwise("bias_grad", b, out)] += 1
+            terms.update([Pointwise("bias_grad", b, out), Pointwise("bias_add", b, out)])
             if l < depth - 1:
                 terms[Pointwise("act", b, out, activation)] += 1
+        if depth % 2 and p > 1:  # an odd last (column) layer: its output all-gathered and concatenated
+            terms[Pointwise("copy", b, n)] += 1
     terms[Pointwise("loss", b, n)] += 1
     terms[Optimizer(c.params_per_rank)] += 1
     for msg in c.messages:
         terms[Collective(msg.op, msg.values, p, msg.bytes_sent)] += 1
+    gemms = {t: n for t, n in terms.items() if isinstance(t, Gemm)}
+    if c.messages and gemms:     # the compute between two collectives, as calls of the step's main GEMM
+        unit = max(gemms, key=lambda g: (gemms[g] * g.macs, g.macs, repr(g)))
+        per_segment = sum(g.macs * n for g, n in gemms.items()) / len(c.messages)
+        terms[Wait(unit, max(1, round(per_segment / unit.macs)), p)] += len(c.messages)
     if framework:
         terms[Framework(mode, depth, p)] += 1
     return terms
@@ -136,3 +167,56 @@ def predict(terms: collections.Counter, seconds: dict) -> dict:
     for term, count in terms.items():
         parts[type(term).__name__.lower()] += count * seconds[term]
     return {"step_time_s": sum(parts.values()), "parts_s": dict(parts)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LinkFit:
+    """Time of one collective ``op`` on ``p`` ranks as ``alpha_s + beta_s_per_byte * bytes_sent``
+    (bytes one rank sends, as :class:`Collective` counts them)."""
+    op: str
+    p: int
+    alpha_s: float
+    beta_s_per_byte: float
+
+    def seconds(self, bytes_sent: int) -> float:
+        return self.alpha_s + self.beta_s_per_byte * bytes_sent
+
+    @property
+    def bandwidth_bytes_per_s(self) -> float:
+        return 1.0 / self.beta_s_per_byte if self.beta_s_per_byte > 0 else float("inf")
+
+
+def fit_alpha_beta(samples) -> tuple[float, float]:
+    """``(alpha, beta)`` of ``seconds = alpha + beta * size`` from ``(size, seconds)`` samples, several
+    repetitions per size: the median of each size first (a repetition that queued behind another
+    process moves nothing), then least squares over the sizes weighted by ``1 / median**2``, so a
+    1 KB and a 1 MB message count by their relative error. Both are kept ``>= 0`` (the best fit
+    with the other at its bound). Needs two distinct sizes."""
+    by_size: dict = collections.defaultdict(list)
+    for size, secs in samples:
+        by_size[float(size)].append(float(secs))
+    if len(by_size) < 2:
+        raise ValueError(f"fit_alpha_beta: needs samples at two or more sizes, got {sorted(by_size)}")
+    pts = [(x, statistics.median(ts)) for x, ts in sorted(by_size.items())]
+    w = [1.0 / max(y, 1e-12) ** 2 for _, y in pts]
+    sw = sum(w)
+    sx = sum(wi * x for wi, (x, _) in zip(w, pts))
+    sy = sum(wi * y for wi, (_, y) in zip(w, pts))
+    sxx = sum(wi * x * x for wi, (x, _) in zip(w, pts))
+    sxy = sum(wi * x * y for wi, (x, y) in zip(w, pts))
+    det = sw * sxx - sx * sx
+    beta = (sw * sxy - sx * sy) / det if det > 0 else 0.0
+    alpha = (sy - beta * sx) / sw
+    if beta < 0:                 # slower for smaller messages: noise; the weighted mean, flat
+        return sy / sw, 0.0
+    if alpha < 0:                # through the origin
+        return 0.0, sxy / sxx
+    return alpha, beta
+
+
+def ladder(largest: int, p: int, points: int = 7) -> list[int]:
+    """Message sizes (values, multiples of ``p``) for fitting a collective: geometric from one
+    value per rank to ``largest``, ``points`` of them (fewer when they coincide)."""
+    top = max(1, -(-largest // p))
+    out = sorted({max(1, round(top ** (i / (points - 1)))) * p for i in range(points)})
+    return out

@@ -1,6 +1,7 @@
 """The step-time model's terms against the cost model, and ``phantom-plan --calibrate`` / ``--json``
 end to end on 2 gloo ranks (tiny shapes)."""
 import json
+import math
 
 import pytest
 
@@ -37,7 +38,7 @@ def test_predict_sums_terms_by_kind():
     secs = {t: 1e-3 for t in terms}
     out = timing.predict(terms, secs)
     assert out["step_time_s"] == pytest.approx(1e-3 * sum(terms.values()))
-    assert set(out["parts_s"]) == {"gemm", "pointwise", "optimizer", "collective", "framework"}
+    assert set(out["parts_s"]) == {"gemm", "pointwise", "optimizer", "collective", "wait", "framework"}
 
 
 def test_plan_calibrate_json(capsys):
@@ -48,8 +49,11 @@ def test_plan_calibrate_json(capsys):
     assert t["tp"] > 0 and t["phantom"] > 0 and doc["ratio"] == pytest.approx(t["phantom"] / t["tp"])
     for mode in ("tp", "phantom"):
         assert sum(doc["parts_s"][mode].values()) == pytest.approx(t[mode])
-        assert doc["parts_s"][mode]["collective"] > 0 and doc["parts_s"][mode]["framework"] >= 0
+        assert doc["parts_s"][mode]["collective"] > 0
+        # residuals of measured times: finite, of either sign (a tiny step can beat its terms' sum)
+        assert math.isfinite(doc["parts_s"][mode]["framework"]) and math.isfinite(doc["parts_s"][mode]["wait"])
     assert doc["link"]["latency_s"] > 0 and doc["link"]["bandwidth_bytes_per_s"] > 0
+    assert set(doc["link"]["fits"]) == {"all_gather", "reduce_scatter", "all_reduce"}
     assert doc["modeled"]["phantom"]["params"] == cost.phantom_ffn_cost(64, 3, p=2, k=4, batch=8).params
 
 
@@ -61,3 +65,105 @@ def test_plan_json_without_calibration_and_table(capsys):
                       "--calibrate"]) == 0
     out = capsys.readouterr().out
     assert "predicted step time (calibrated here)" in out and "not overlapped" in out
+
+
+def test_edge_and_bias_add_terms():
+    n, b, p = 48, 5, 3
+    ph = timing.step_terms("phantom", n, 3, p=p, batch=b, k=2)
+    copies = {t: c for t, c in ph.items() if isinstance(t, timing.Pointwise) and t.kind == "copy"}
+    assert copies == {timing.Pointwise("copy", b, n // p): 1, timing.Pointwise("copy", b, n): 1}
+    assert not any(isinstance(t, timing.Pointwise) and t.kind == "copy"
+                   for t in timing.step_terms("phantom", n, 3, p=1, batch=b))
+    for depth in (2, 3):
+        tp = timing.step_terms("tp", n, depth, p=p, batch=b)
+        adds = sum(c for t, c in tp.items() if isinstance(t, timing.Pointwise) and t.kind == "bias_add")
+        assert adds == depth                       # megatron adds each layer's bias in a pass of its own
+        gathered = tp.get(timing.Pointwise("copy", b, n), 0)
+        assert gathered == depth % 2               # an odd last layer's output is gathered and concatenated
+
+
+@pytest.mark.parametrize("mode,p,k,depth", [("tp", 2, 0, 4), ("phantom", 2, 8, 4), ("phantom", 4, 3, 3),
+                                             ("tp", 3, 0, 1)])
+def test_wait_terms(mode, p, k, depth):
+    """One Wait per collective; its compute is the step's GEMM MACs split evenly between the collectives."""
+    n, b = 48 * p, 16
+    terms = timing.step_terms(mode, n, depth, p=p, batch=b, k=k)
+    waits = [(t, c) for t, c in terms.items() if isinstance(t, timing.Wait)]
+    colls = sum(c for t, c in terms.items() if isinstance(t, timing.Collective))
+    assert len(waits) == 1 and waits[0][1] == colls
+    w = waits[0][0]
+    assert w.gemm in terms and w.p == p
+    per_segment = _gemm_macs(terms) / colls
+    assert abs(w.calls * w.gemm.macs - per_segment) <= w.gemm.macs / 2 or w.calls == 1
+    assert not any(isinstance(t, timing.Wait) for t in timing.step_terms(mode, n, depth, p=1, batch=b, k=k))
+
+
+def _noisy(alpha, beta, sizes, reps, rng, outliers=0.2):
+    out = []
+    for x in sizes:
+        for _ in range(reps):
+            t = (alpha + beta * x) * rng.uniform(0.95, 1.05)
+            out.append((x, t * (rng.uniform(3, 10) if rng.random() < outliers else 1.0)))
+    return out
+
+
+@pytest.mark.parametrize("alpha,beta", [(3e-4, 2e-9), (7e-4, 5e-10), (5e-5, 1e-8)])
+def test_fit_alpha_beta_recovers_known_parameters(alpha, beta):
+    import random
+    rng = random.Random(0)
+    sizes = [8, 100, 1_000, 10_000, 100_000, 1_000_000, 4_000_000]
+    a, b = timing.fit_alpha_beta(_noisy(alpha, beta, sizes, 15, rng))
+    assert a == pytest.approx(alpha, rel=0.1) and b == pytest.approx(beta, rel=0.1)
+    exact = [(x, alpha + beta * x) for x in sizes]
+    assert timing.fit_alpha_beta(exact) == pytest.approx((alpha, beta), rel=1e-9)
+
+
+def test_fit_alpha_beta_bounds_and_errors():
+    flat = [(x, t) for x in (10, 100, 1000) for t in (1e-3, 1e-3, 5e-3)]    # no slope: alpha only
+    assert timing.fit_alpha_beta(flat) == pytest.approx((1e-3, 0.0))
+    a, b = timing.fit_alpha_beta([(x, 1e-9 * x) for x in (1e3, 1e4, 1e5)])   # through the origin
+    assert a == pytest.approx(0.0, abs=1e-15) and b == pytest.approx(1e-9)
+    a, b = timing.fit_alpha_beta([(1e3, 2e-3), (1e4, 1e-3), (1e5, 5e-4)])    # falling: flat, not negative
+    assert b == 0.0 and a > 0
+    with pytest.raises(ValueError, match="two or more sizes"):
+        timing.fit_alpha_beta([(64, 1e-3), (64, 2e-3)])
+    fit = timing.LinkFit("all_gather", 2, 1e-4, 1e-9)
+    assert fit.seconds(1000) == pytest.approx(1e-4 + 1e-6) and fit.bandwidth_bytes_per_s == pytest.approx(1e9)
+
+
+@pytest.mark.parametrize("largest,p", [(262144, 2), (8, 2), (3 * 1000, 3), (4, 4)])
+def test_ladder(largest, p):
+    sizes = timing.ladder(largest, p)
+    assert sizes == sorted(set(sizes)) and all(v % p == 0 for v in sizes)
+    assert sizes[0] == p and sizes[-1] == -(-largest // p) * p and len(sizes) <= 7
+
+
+def _fit_rank(rank, world_size, colls):
+    import torch
+    import torch.distributed as dist
+    from phantom_plugin import comm
+    from phantom_plugin.bench.calibrate import _fit_links
+    fits = _fit_links(colls, torch.float32, torch.device("cpu"), dist.group.WORLD, 3)
+    comm.COUNTER.reset()
+    return {op: (f.alpha_s, f.beta_s_per_byte, nb, md) for op, (f, nb, md) in fits.items()}
+
+
+@pytest.mark.parametrize("p", [2, 3])
+def test_link_fits_on_gloo_ranks(p):
+    """Every op of the plan gets a fit from the sizes of its ladder and of the plan, the same on
+    every rank (each size's median is the slowest rank's), and the fit is what fit_alpha_beta
+    makes of those medians."""
+    from dist_utils import run_ranks
+    colls = [timing.Collective("all_gather", 40 * p, p, 0), timing.Collective("all_gather", 3 * p, p, 0),
+             timing.Collective("reduce_scatter", 16 * p, p, 0), timing.Collective("all_reduce", 64 * p, p, 0)]
+    out = run_ranks(_fit_rank, p, colls)
+    assert all(o == out[0] for o in out)
+    fits = out[0]
+    assert set(fits) == {"all_gather", "reduce_scatter", "all_reduce"}
+    for op, (alpha, beta, nbytes, med) in fits.items():
+        values = set(timing.ladder(max(c.values for c in colls if c.op == op), p)) | \
+            {c.values for c in colls if c.op == op}
+        chunks = 2 * (p - 1) if op == "all_reduce" else p - 1
+        assert nbytes == [v * 4 // p * chunks for v in sorted(values)]
+        assert len(med) == len(nbytes) and all(m > 0 for m in med)
+        assert (alpha, beta) == pytest.approx(timing.fit_alpha_beta(zip(nbytes, med)))

@@ -1,16 +1,20 @@
 """Measure the terms of :mod:`phantom_plugin.timing` on the ranks that will run the model
-(``phantom-plan --calibrate``): every distinct GEMM shape, pointwise pass, optimizer step and
-collective of a TP and a phantom training step, each timed by all ranks at once (as they run in
-a real step, sharing the cores), median of a few repetitions after a warm-up.
+(``phantom-plan --calibrate``): every distinct GEMM shape, pointwise pass and optimizer step of a
+TP and a phantom training step, each timed by all ranks at once in windows of back-to-back calls
+(as a step runs them, sharing the cores), the median of a few windows after a warm-up.
 
-Collectives are timed with the plugin's own :mod:`phantom_plugin.comm` calls for the phantom
-messages (the gloo all-to-all reduce-scatter included) and ``torch.distributed.all_reduce`` for
-megatron's. Collective latency and bandwidth are also reported: the time of a 1-value all-gather,
-and bytes per second of the largest message. These collectives are instrumentation, not counted.
+Collectives: each op the plan uses (the plugin's own :mod:`phantom_plugin.comm` calls, the gloo
+all-to-all reduce-scatter included; ``torch.distributed.all_reduce`` for megatron's) is timed at a
+ladder of sizes up to its largest message and at the plan's sizes, back to back, the sizes in
+turn within each repetition, and fitted as ``alpha + beta * bytes`` (:func:`timing.fit_alpha_beta`);
+each collective's time is its fit's. :class:`timing.Wait` is the extra of a collective right
+after a step's worth of compute. The fits are reported (``link``). These collectives are
+instrumentation, not counted.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
 
@@ -23,19 +27,43 @@ from .runner import _DTYPES, quiet_third_party, sync
 
 __all__ = ["calibrate_rank"]
 
+WINDOW_S, MAX_CALLS = 0.01, 200     # a timing window: at least 10 ms of back-to-back calls, at most 200
+WAIT_CALLS = 3                       # (GEMMs, all-reduce) calls per window of a Wait
+
+
+def _calls(fn, device, group, window_s: float = WINDOW_S) -> int:
+    """How many back-to-back calls of ``fn`` fill ``window_s`` (the most any rank needs)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    calls = max(1, min(MAX_CALLS, math.ceil(window_s / max(time.perf_counter() - t0, 1e-7))))
+    n = torch.tensor([calls], dtype=torch.int64, device=comm.collective_device(group))
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    return int(n.item())
+
+
+def _window(fn, calls: int, device, group) -> float:
+    """Seconds per call of ``calls`` back-to-back calls, every rank starting together."""
+    dist.barrier(group=group)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
 
 def _median_time(fn, device, group, reps: int, warmup: int = 2) -> float:
+    """Median over ``reps`` windows of the seconds per call of ``fn`` (:func:`_window`). A window
+    runs ``fn`` back to back for at least ``WINDOW_S``, as a step runs its terms: a term short
+    against the scheduler's time slice pays its share of whatever else runs (other ranks, other
+    processes), and a collective pays the hand-off between ranks that a barrier just before a
+    single call would hide."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(reps):
-        dist.barrier(group=group)
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    calls = _calls(fn, device, group)
+    return statistics.median(_window(fn, calls, device, group) for _ in range(reps))
 
 
 def _gemm_fn(t: timing.Gemm, dtype, device):
@@ -51,6 +79,11 @@ def _pointwise_fn(t: timing.Pointwise, dtype, device):
     g = torch.randn_like(h)
     if t.kind == "bias_grad":
         return lambda: g.sum(0)
+    if t.kind == "bias_add":
+        bias = g[0].clone()
+        return lambda: h + bias
+    if t.kind == "copy":
+        return lambda: h.clone()
     if t.kind == "loss":
         def loss():
             diff = h - g
@@ -87,10 +120,15 @@ def _collective_fn(t: timing.Collective, dtype, device, group):
     return lambda: dist.all_reduce(x, group=group)
 
 
-def _term_time(t, dt, device, group, reps: int) -> float:
-    """Median seconds of one term on this rank (all ranks time it at once)."""
+def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
+    """Seconds of one term on this rank: collectives from their op's fit, the rest the median of
+    ``reps`` timings (all ranks time it at once)."""
+    if isinstance(t, timing.Collective):
+        return fits[t.op].seconds(t.bytes_sent)
     if isinstance(t, timing.Framework):
-        return _framework_time(t, dt, device, group, reps)
+        return _framework_time(t, dt, device, group, reps, fits)
+    if isinstance(t, timing.Wait):
+        return _wait_time(t, dt, device, group, reps)
     if isinstance(t, timing.Gemm):
         fn = _gemm_fn(t, dt, device)
     elif isinstance(t, timing.Pointwise):
@@ -98,14 +136,58 @@ def _term_time(t, dt, device, group, reps: int) -> float:
     elif isinstance(t, timing.Optimizer):
         fn = _optimizer_fn(t, dt, device)
     else:
-        fn = _collective_fn(t, dt, device, group)
+        raise TypeError(f"not a timed term: {t!r}")
     grad = isinstance(t, timing.Pointwise) and t.kind == "act"
     with torch.set_grad_enabled(grad):
         return _median_time(fn, device, group, reps)
 
 
-def _framework_time(t: timing.Framework, dt, device, group, reps: int) -> float:
-    """A tiny real training step of ``t.mode`` less the sum of its own terms (at least 0)."""
+def _wait_time(t: timing.Wait, dt, device, group, reps: int) -> float:
+    """What ranks lose meeting after ``calls`` GEMMs each. Each of ``reps`` repetitions runs a
+    window of ``WAIT_CALLS`` rounds of (GEMMs, one-value all-reduce), every rank timing its GEMMs
+    in each round, and a window of as many GEMMs back to back, as the GEMM terms are timed. A
+    round costs every rank the slowest rank's GEMMs of that round; the model counts the GEMMs as
+    timed back to back (the slowest rank's median), so the wait is the median over rounds of the
+    slowest rank's time less that (at least 0). The two windows alternate, so slow drift of the
+    load cancels."""
+    gemm = _gemm_fn(t.gemm, dt, device)
+    one = torch.zeros(1, dtype=dt, device=device)
+
+    def compute():
+        for _ in range(t.calls):
+            gemm()
+    for _ in range(2):
+        compute()
+        dist.all_reduce(one, group=group)
+    rounds, alone = [], []
+    for _ in range(reps):
+        alone.append(_window(compute, WAIT_CALLS, device, group))
+        dist.barrier(group=group)
+        for _ in range(WAIT_CALLS):
+            sync(device)
+            t0 = time.perf_counter()
+            compute()
+            sync(device)
+            rounds.append(time.perf_counter() - t0)
+            dist.all_reduce(one, group=group)          # the ranks meet
+    mine = torch.tensor(rounds + alone, dtype=torch.float64, device=comm.collective_device(group))
+    every = comm.all_gather(mine, group, tag="calibrate")                # [p, rounds + reps]
+    slowest = every[:, :len(rounds)].max(dim=0).values.median().item()
+    counted = every[:, len(rounds):].median(dim=1).values.max().item()
+    return max(0.0, slowest - counted)
+
+
+def _tiny_terms(t: timing.Framework) -> dict:
+    """The tiny step's own terms, less its Wait: with next to no compute between its collectives,
+    what its ranks lose meeting is the framework's (and timing it would only add noise)."""
+    width, batch = timing.TINY_WIDTH_PER_RANK * t.p, timing.TINY_BATCH
+    terms = timing.step_terms(t.mode, width, t.depth, p=t.p, batch=batch, k=1, framework=False)
+    return {term: c for term, c in terms.items() if not isinstance(term, timing.Wait)}
+
+
+def _framework_time(t: timing.Framework, dt, device, group, reps: int, fits: dict) -> float:
+    """A tiny real training step of ``t.mode`` less the sum of its own terms: of either sign (a
+    negative one says the tiny step's collectives cost less in the step than their fits)."""
     from .runner import RunSpec, build_model, make_optimizer, teacher_batch, train_step
     width, batch = timing.TINY_WIDTH_PER_RANK * t.p, timing.TINY_BATCH
     spec = RunSpec(mode=t.mode, width=width, depth=t.depth, ghost_dim=1, batch=batch, steps=2, warmup=1)
@@ -115,31 +197,68 @@ def _framework_time(t: timing.Framework, dt, device, group, reps: int) -> float:
     intercept = comm.intercept_torch_collectives() if t.mode == "tp" else contextlib.nullcontext()
     with torch.enable_grad(), intercept:
         step = _median_time(lambda: train_step(model, opt, x, y), device, group, max(reps, 11), warmup=3)
-    tiny = timing.step_terms(t.mode, width, t.depth, p=t.p, batch=batch, k=1, framework=False)
-    own = sum(c * _term_time(term, dt, device, group, reps) for term, c in tiny.items())
-    return max(0.0, step - own)
+    own = sum(c * _term_time(term, dt, device, group, reps, fits) for term, c in _tiny_terms(t).items())
+    return step - own
+
+
+def _fit_links(colls: list, dt, device, group, reps: int) -> dict:
+    """One :class:`timing.LinkFit` per op in ``colls``: each op timed at the sizes of
+    :func:`timing.ladder` up to its largest message and at every size of ``colls``, the sizes
+    taken in turn within each repetition (so load that comes and goes hits them alike), each
+    size's median the slowest rank's."""
+    p = comm.group_size(group)
+    elt = torch.empty((), dtype=dt).element_size()
+    fits = {}
+    for op in sorted({c.op for c in colls}):
+        sizes = sorted(set(timing.ladder(max(c.values for c in colls if c.op == op), p))
+                       | {c.values for c in colls if c.op == op})
+        fns = [_collective_fn(timing.Collective(op, v, p, 0), dt, device, group) for v in sizes]
+        for fn in fns:
+            fn()
+        calls = [_calls(fn, device, group) for fn in fns]
+        times = [[] for _ in sizes]
+        for _ in range(reps):
+            for fn, n, ts in zip(fns, calls, times):
+                ts.append(_window(fn, n, device, group))
+        med = torch.tensor([statistics.median(ts) for ts in times], dtype=torch.float64, device=device)
+        dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
+        chunks = 2 * (p - 1) if op == "all_reduce" else p - 1
+        nbytes = [v * elt // p * chunks for v in sizes]
+        alpha, beta = timing.fit_alpha_beta(zip(nbytes, med.tolist()))
+        fits[op] = (timing.LinkFit(op, p, alpha, beta), nbytes, med.tolist())
+    return fits
 
 
 def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32", reps: int = 7):
     """Time each of ``terms`` (:mod:`phantom_plugin.timing` terms) on every rank at once; rank 0
-    returns ``(seconds per term in order, {"latency_s", "bandwidth_bytes_per_s"})``."""
+    returns ``(seconds per term in order, link)``, ``link`` holding ``latency_s`` (a one-value
+    all-gather), ``bandwidth_bytes_per_s`` (of the fit of the largest message's op) and ``fits``
+    (per op: ``alpha_s``, ``beta_s_per_byte``, the sizes timed and their medians)."""
     quiet_third_party()
     group = dist.group.WORLD
     device = comm.collective_device(group)   # the launcher set each NCCL rank's device
     dt = _DTYPES[dtype]
     torch.manual_seed(rank)
-    out = [_term_time(t, dt, device, group, reps) for t in terms]
+    colls = [t for t in terms if isinstance(t, timing.Collective)]
+    for f in terms:
+        if isinstance(f, timing.Framework):
+            colls += [t for t in _tiny_terms(f) if isinstance(t, timing.Collective)]
+    fits = _fit_links(colls, dt, device, group, max(reps, 15)) if world_size > 1 else {}
+    link_fits = {op: f for op, (f, _, _) in fits.items()}
+    out = [_term_time(t, dt, device, group, reps, link_fits) for t in terms]
     comm.COUNTER.reset()
-    link = {}
-    if world_size > 1:
-        one = torch.zeros(1, dtype=dt, device=device)
-        link["latency_s"] = _median_time(lambda: comm.all_gather(one, group, tag="calibrate"), device, group, reps)
-        colls = [(t, s) for t, s in zip(terms, out) if isinstance(t, timing.Collective)]
-        if colls:
-            t, s = max(colls, key=lambda ts: ts[0].values)
-            link["bandwidth_bytes_per_s"] = t.bytes_sent / max(s - link["latency_s"], 1e-9)
-        comm.COUNTER.reset()
     secs = torch.tensor(out, dtype=torch.float64, device=device)
     dist.all_reduce(secs, op=dist.ReduceOp.MAX, group=group)   # a step waits for its slowest rank
-    return (secs.tolist(), link) if rank == 0 else None
-
+    if rank != 0:
+        return None
+    link = {}
+    if fits:
+        ag = fits.get("all_gather")
+        link["latency_s"] = (ag or next(iter(fits.values())))[2][0]
+        top = max(colls, key=lambda c: c.bytes_sent)
+        fit, nbytes, med = fits[top.op]
+        link["bandwidth_bytes_per_s"] = (fit.bandwidth_bytes_per_s if fit.beta_s_per_byte > 0
+                                         else nbytes[-1] / med[-1])
+        link["fits"] = {op: {"alpha_s": f.alpha_s, "beta_s_per_byte": f.beta_s_per_byte,
+                             "bytes_sent": nb, "median_s": md} for op, (f, nb, md) in fits.items()}
+    return secs.tolist(), link
