@@ -121,10 +121,11 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     nccl = torch.cuda.is_available() and torch.cuda.device_count() >= ranks
     threads = threads or max(1, (os.cpu_count() or 1) // ranks)      # as phantom-bench chooses them
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    secs, link = run_ranks(calibrate_rank, ranks, distinct, dtype, timeout=600,
-                           backend="nccl" if nccl else "gloo", threads=threads)[0]
+    chains = {mode: timing.gemm_chain(terms[mode]) for mode in terms}
+    secs, link, chain_s = run_ranks(calibrate_rank, ranks, distinct, dtype, 7, chains, timeout=600,
+                                    backend="nccl" if nccl else "gloo", threads=threads)[0]
     measured = dict(zip(distinct, secs))
-    pred = {mode: timing.predict(terms[mode], measured) for mode in terms}
+    pred = {mode: timing.predict(terms[mode], measured, gemm_chain_s=chain_s[mode]) for mode in terms}
     device = torch.device("cuda", 0) if nccl else torch.device("cpu")
     return {"predicted_step_time_s": {m: pred[m]["step_time_s"] for m in pred},
             "ratio": pred["phantom"]["step_time_s"] / pred["tp"]["step_time_s"],

@@ -39,6 +39,13 @@ def test_predict_sums_terms_by_kind():
     out = timing.predict(terms, secs)
     assert out["step_time_s"] == pytest.approx(1e-3 * sum(terms.values()))
     assert set(out["parts_s"]) == {"gemm", "pointwise", "optimizer", "collective", "wait", "framework"}
+    # the GEMMs as one chain: every occurrence of every shape, and its time replaces their sum
+    chain = timing.gemm_chain(terms)
+    assert len(chain) == sum(c for t, c in terms.items() if isinstance(t, timing.Gemm)) > len(
+        {t for t in terms if isinstance(t, timing.Gemm)})
+    chained = timing.predict(terms, secs, gemm_chain_s=0.5)
+    assert chained["parts_s"]["gemm"] == 0.5
+    assert chained["step_time_s"] == pytest.approx(out["step_time_s"] - out["parts_s"]["gemm"] + 0.5)
 
 
 def test_plan_calibrate_json(capsys):

@@ -17,6 +17,7 @@ import contextlib
 import math
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -229,11 +230,25 @@ def _fit_links(colls: list, dt, device, group, reps: int) -> dict:
     return fits
 
 
-def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32", reps: int = 7):
+def _chain_time(gemms: list, dt, device, group, reps: int) -> float:
+    """Seconds of ``gemms`` run back to back, each with operands of its own (a step's GEMMs)."""
+    fns = [_gemm_fn(t, dt, device) for t in gemms]
+
+    def chain():
+        for fn in fns:
+            fn()
+    with torch.no_grad():
+        return _median_time(chain, device, group, reps)
+
+
+def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32", reps: int = 7,
+                   chains: Optional[dict] = None):
     """Time each of ``terms`` (:mod:`phantom_plugin.timing` terms) on every rank at once; rank 0
-    returns ``(seconds per term in order, link)``, ``link`` holding ``latency_s`` (a one-value
-    all-gather), ``bandwidth_bytes_per_s`` (of the fit of the largest message's op) and ``fits``
-    (per op: ``alpha_s``, ``beta_s_per_byte``, the sizes timed and their medians)."""
+    returns ``(seconds per term in order, link, chain seconds)``, ``link`` holding ``latency_s`` (a
+    one-value all-gather), ``bandwidth_bytes_per_s`` (of the fit of the largest message's op) and
+    ``fits`` (per op: ``alpha_s``, ``beta_s_per_byte``, the sizes timed and their medians).
+    ``chains``: ``{name: [Gemm, ...]}`` (:func:`phantom_plugin.timing.gemm_chain`), each timed as
+    one chain; the third value is ``{name: seconds}``."""
     quiet_third_party()
     group = dist.group.WORLD
     device = comm.collective_device(group)   # the launcher set each NCCL rank's device
@@ -246,6 +261,8 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
     fits = _fit_links(colls, dt, device, group, max(reps, 15)) if world_size > 1 else {}
     link_fits = {op: f for op, (f, _, _) in fits.items()}
     out = [_term_time(t, dt, device, group, reps, link_fits) for t in terms]
+    names = sorted(chains or {})
+    out += [_chain_time(chains[name], dt, device, group, reps) for name in names]
     comm.COUNTER.reset()
     secs = torch.tensor(out, dtype=torch.float64, device=device)
     dist.all_reduce(secs, op=dist.ReduceOp.MAX, group=group)   # a step waits for its slowest rank
@@ -261,4 +278,5 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
                                          else nbytes[-1] / med[-1])
         link["fits"] = {op: {"alpha_s": f.alpha_s, "beta_s_per_byte": f.beta_s_per_byte,
                              "bytes_sent": nb, "median_s": md} for op, (f, nb, md) in fits.items()}
-    return secs.tolist(), link
+    secs = secs.tolist()
+    return secs[:len(terms)], link, dict(zip(names, secs[len(terms):]))
