@@ -124,8 +124,8 @@ def _main() -> None:
     with torch.no_grad():
         out["dense_loss0"] = float(_llama()(input_ids=ids, labels=ids).loss)
     (Path(args.out) / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
-    from dist_utils import end_process_group
-    end_process_group()
+    from dist_utils import exit_rank
+    exit_rank()
 
 
 if __name__ == "__main__":

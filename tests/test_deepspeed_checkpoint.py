@@ -150,8 +150,8 @@ def _main() -> None:
 
     out["rank"] = dist.get_rank()
     (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
-    from dist_utils import end_process_group
-    end_process_group()
+    from dist_utils import exit_rank
+    exit_rank()
 
 
 if __name__ == "__main__":

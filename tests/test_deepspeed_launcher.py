@@ -538,6 +538,8 @@ def _case_pipe(out: dict, tmp: Path) -> None:
 
 
 def _main() -> None:
+    import faulthandler
+    faulthandler.enable(all_threads=True)       # an abort in a rank prints where each thread was
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", required=True)
     ap.add_argument("--out", required=True)
@@ -555,8 +557,8 @@ def _main() -> None:
     out["rank"] = dist.get_rank()
     out["node"] = os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK"))     # torchrun / deepspeed
     (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
-    from dist_utils import end_process_group
-    end_process_group()
+    from dist_utils import exit_rank
+    exit_rank()
 
 
 if __name__ == "__main__":

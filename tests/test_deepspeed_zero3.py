@@ -94,8 +94,8 @@ def _main() -> None:
     out["resumed"] = _steps(engine, range(3, 6), dp_rank)
 
     (tmp / f"rank{rank}.json").write_text(json.dumps(out))
-    from dist_utils import end_process_group
-    end_process_group()
+    from dist_utils import exit_rank
+    exit_rank()
 
 
 if __name__ == "__main__":

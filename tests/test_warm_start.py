@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dist_utils import end_process_group, run_ranks
+from dist_utils import run_ranks
 from phantom_plugin import init, param_groups
 from phantom_plugin.bench.runner import teacher_batch
 from phantom_plugin.convert import convert_modules
@@ -78,7 +78,6 @@ def _warm_ranks(rank, p):
         losses.append(loss.item())
     out = {"losses": losses, "error": done[0].approx_error, "at_conversion": at_conversion,
            "final": _blocks(model)}
-    end_process_group()
     return out
 
 
