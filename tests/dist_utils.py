@@ -2,6 +2,16 @@
 from phantom_plugin.launch import free_port, run_ranks  # noqa: F401
 
 
+def finish_rank(out_dir, result: dict) -> None:
+    """Write this rank's ``result`` to ``out_dir/rank<r>.json`` (what ``launch_results`` in
+    test_deepspeed_launcher.py reads), then :func:`exit_rank`."""
+    import json
+    from pathlib import Path
+    import torch.distributed as dist
+    (Path(out_dir) / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+    exit_rank()
+
+
 def exit_rank() -> None:
     """End a rank started by a launcher once its results are written: barrier, then ``os._exit(0)``.
 

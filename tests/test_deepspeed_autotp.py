@@ -11,8 +11,6 @@ parametrization); and the bad inputs of the issue (another AutoTP size, no atten
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import sys
 from pathlib import Path
 
@@ -108,7 +106,6 @@ def _main() -> None:
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
     import torch
-    import torch.distributed as dist
     torch.set_num_threads(1)
     out: dict = {}
     ref_cfg = _ds()
@@ -123,9 +120,8 @@ def _main() -> None:
     ids = torch.randint(0, V, (B, S), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out["dense_loss0"] = float(_llama()(input_ids=ids, labels=ids).loss)
-    (Path(args.out) / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
-    from dist_utils import exit_rank
-    exit_rank()
+    from dist_utils import finish_rank
+    finish_rank(Path(args.out), out)
 
 
 if __name__ == "__main__":

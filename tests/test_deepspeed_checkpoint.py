@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -149,9 +147,8 @@ def _main() -> None:
     out["resumed"]["pipe"] = _pipe_steps(engine, range(2, 4), gas)
 
     out["rank"] = dist.get_rank()
-    (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
-    from dist_utils import exit_rank
-    exit_rank()
+    from dist_utils import finish_rank
+    finish_rank(tmp, out)
 
 
 if __name__ == "__main__":

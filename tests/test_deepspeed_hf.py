@@ -225,9 +225,8 @@ def _main() -> None:
     back = LlamaForCausalLM.from_pretrained(tmp / "dense")
     out["reload_err"] = float((_logits(back, probe) - phantom_logits).abs().max() / scale)
     out["rank"] = dist.get_rank()
-    (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
-    from dist_utils import exit_rank
-    exit_rank()
+    from dist_utils import finish_rank
+    finish_rank(tmp, out)
 
 
 if __name__ == "__main__":

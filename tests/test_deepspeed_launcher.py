@@ -556,9 +556,8 @@ def _main() -> None:
      "mult": _case_mult}[args.case](out, tmp)
     out["rank"] = dist.get_rank()
     out["node"] = os.environ.get("GROUP_RANK", os.environ.get("CROSS_RANK"))     # torchrun / deepspeed
-    (tmp / f"rank{dist.get_rank()}.json").write_text(json.dumps(out))
-    from dist_utils import exit_rank
-    exit_rank()
+    from dist_utils import finish_rank
+    finish_rank(tmp, out)
 
 
 if __name__ == "__main__":

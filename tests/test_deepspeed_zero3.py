@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from test_deepspeed_launcher import CLIP, D_IN, _batch, _close, _config, _nets, _reference, _train, launch_results  # noqa: E402
+from test_deepspeed_launcher import CLIP, D_IN, _close, _config, _nets, _reference, _train, launch_results  # noqa: E402
 from test_deepspeed_checkpoint import _engine, _steps  # noqa: E402
 
 
@@ -93,9 +92,8 @@ def _main() -> None:
     engine.load_checkpoint(str(tmp / "z3"))
     out["resumed"] = _steps(engine, range(3, 6), dp_rank)
 
-    (tmp / f"rank{rank}.json").write_text(json.dumps(out))
-    from dist_utils import exit_rank
-    exit_rank()
+    from dist_utils import finish_rank
+    finish_rank(tmp, out)
 
 
 if __name__ == "__main__":
