@@ -117,7 +117,8 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     from .launch import run_ranks
     terms = {mode: timing.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts,
                                      activation=activation, dtype=dtype) for mode in ("tp", "phantom")}
-    distinct = sorted(set(terms["tp"]) | set(terms["phantom"]), key=repr)
+    # GEMMs are timed as each model's chain (below), not shape by shape
+    distinct = sorted({t for m in terms.values() for t in m if not isinstance(t, timing.Gemm)}, key=repr)
     nccl = torch.cuda.is_available() and torch.cuda.device_count() >= ranks
     threads = threads or max(1, (os.cpu_count() or 1) // ranks)      # as phantom-bench chooses them
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

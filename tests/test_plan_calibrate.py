@@ -45,6 +45,8 @@ def test_predict_sums_terms_by_kind():
         {t for t in terms if isinstance(t, timing.Gemm)})
     chained = timing.predict(terms, secs, gemm_chain_s=0.5)
     assert chained["parts_s"]["gemm"] == 0.5
+    no_gemms = {t: s for t, s in secs.items() if not isinstance(t, timing.Gemm)}    # the chain stands for them
+    assert timing.predict(terms, no_gemms, gemm_chain_s=0.5) == chained
     assert chained["step_time_s"] == pytest.approx(out["step_time_s"] - out["parts_s"]["gemm"] + 0.5)
 
 
