@@ -117,22 +117,27 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     from .launch import run_ranks
     terms = {mode: timing.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts,
                                      activation=activation, dtype=dtype) for mode in ("tp", "phantom")}
-    # GEMMs are timed as each model's chain (below), not shape by shape
-    distinct = sorted({t for m in terms.values() for t in m if not isinstance(t, timing.Gemm)}, key=repr)
     nccl = torch.cuda.is_available() and torch.cuda.device_count() >= ranks
     threads = threads or max(1, (os.cpu_count() or 1) // ranks)      # as phantom-bench chooses them
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    oversubscribed = not nccl and ranks * threads > cores
+    # GEMMs are timed as each model's chain (below), not shape by shape. Ranks sharing cores: a rank
+    # blocked in a collective gives its core to another rank's compute, so what a collective costs
+    # beyond its fit overlaps the compute (counted at the shared rate) and is not added.
+    skip = (timing.Gemm, timing.Wait) if oversubscribed else (timing.Gemm,)
+    distinct = sorted({t for m in terms.values() for t in m if not isinstance(t, skip)}, key=repr)
     chains = {mode: timing.gemm_chain(terms[mode]) for mode in terms}
     secs, link, chain_s = run_ranks(calibrate_rank, ranks, distinct, dtype, 7, chains, timeout=600,
                                     backend="nccl" if nccl else "gloo", threads=threads)[0]
     measured = dict(zip(distinct, secs))
+    measured.update({t: 0.0 for m in terms.values() for t in m if isinstance(t, timing.Wait) and t not in measured})
     pred = {mode: timing.predict(terms[mode], measured, gemm_chain_s=chain_s[mode]) for mode in terms}
     device = torch.device("cuda", 0) if nccl else torch.device("cpu")
     return {"predicted_step_time_s": {m: pred[m]["step_time_s"] for m in pred},
             "ratio": pred["phantom"]["step_time_s"] / pred["tp"]["step_time_s"],
             "parts_s": {m: pred[m]["parts_s"] for m in pred}, "link": link,
             "machine": machine_description(device), "threads_per_rank": threads, "cores": cores,
-            "oversubscribed": not nccl and ranks * threads > cores}
+            "oversubscribed": oversubscribed}
 
 
 def _prediction_rows(pred: dict) -> list[str]:

@@ -10,12 +10,12 @@ from :mod:`phantom_plugin.cost`, so bytes are the ones the byte counter measures
 come from :mod:`phantom_plugin.bench.calibrate` (``phantom-plan --calibrate``).
 
 Collectives are priced by an alpha-beta fit per op (:class:`LinkFit`, :func:`fit_alpha_beta`:
-latency plus bytes over bandwidth, fitted over a ladder of sizes). A collective also makes the
-ranks meet: one that computed longer (time-sliced by other ranks or processes) keeps the others
-waiting, which neither the compute nor the collective timed alone shows; :class:`Wait` measures
-that per collective, after a step's worth of compute between two collectives. What the terms
-leave out (autograd, Python, allocations, and whatever a collective costs inside a real step
-beyond its fit) is :class:`Framework`, measured as a tiny real step of the same mode, depth and
+latency plus bytes over bandwidth, fitted over a ladder of sizes, timed back to back). Inside a
+step a collective costs more: it follows a stretch of compute (its threads asleep, its buffers out
+of cache) and makes the ranks meet (one that computed longer, time-sliced by other ranks or
+processes, keeps the others waiting); :class:`Wait` measures that extra per collective, after a
+step's worth of compute between two collectives. What the terms leave out (autograd, Python,
+allocations) is :class:`Framework`, measured as a tiny real step of the same mode, depth and
 ranks less its own terms: the same count of autograd nodes and collectives as the real step, so
 it carries their fixed costs to it. Communication is added, not overlapped: on the 2-core CPU
 machine the ghost exchange does not hide behind the GEMMs (the README's A/B measurement), and
@@ -88,13 +88,20 @@ class Framework:
 
 @dataclasses.dataclass(frozen=True)
 class Wait:
-    """Ranks meeting at a collective after computing apart: ``calls`` back-to-back ``gemm`` s (a
-    step's compute between two collectives), then a collective, costs more than both alone by
-    the spread of the ranks' arrival (time-slicing: other ranks, other processes, more ranks
-    than cores). One per collective of the step; measured, not derived."""
+    """What ``coll`` costs inside a step beyond its :class:`LinkFit` price: run after ``calls``
+    back-to-back ``gemm`` s (a step's compute between two collectives), a collective costs more
+    than timed back to back (its threads woken, its buffers out of cache, the ranks arriving
+    apart: time-slicing, other processes, more ranks than cores). One per collective of the
+    step; measured, not derived, of either sign. ``overlap``: the GEMMs the code runs between
+    launching the collective (async) and waiting for it, which hide part of it."""
     gemm: Gemm
     calls: int
-    p: int
+    coll: Collective
+    overlap: tuple = ()
+
+    @property
+    def p(self) -> int:
+        return self.coll.p
 
 
 # the tiny model whose real step measures Framework: width TINY_WIDTH_PER_RANK * p, k 1, batch TINY_BATCH
@@ -124,12 +131,18 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
     elt = cost.DTYPE_BYTES[dtype]
     n, b, m = width, batch, width // p
     terms: collections.Counter = collections.Counter()
+    overlaps: list = []          # per message of the cost model, in its order: GEMMs run while it is in flight
     if mode == "phantom":
         c = cost.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=elt)
         if p > 1:                # the block's edges: own slice of the input, concatenated output
             terms.update([Pointwise("copy", b, m), Pointwise("copy", b, n)])
+            overlaps.append(())  # the output all-gather, synchronous
         for l in range(depth):
             terms.update(_phantom_layer(b, m, m, k, p, first=l == 0))
+            # ops._PhantomLinear: the ghost all-gather runs under the local GEMM, the ghost-grad
+            # reduce-scatter under dL, dD and the local part of dx
+            overlaps += [(Gemm(b, m, m, b_t=True),),
+                         (Gemm(m, b, m, a_t=True), Gemm((p - 1) * k, b, m, a_t=True)) + (() if l == 0 else (Gemm(b, m, m),))]
             terms[Pointwise("bias_grad", b, m)] += 1
             if l < depth - 1:
                 terms[Pointwise("act", b, m, activation)] += 1
@@ -139,9 +152,13 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
             if l % 2 == 0:      # column: W [n/p, n]; megatron computes dX for the first layer too
                 terms.update([Gemm(b, n, m, b_t=True), Gemm(m, b, n, a_t=True), Gemm(b, m, n)])
                 out = m
+                overlaps.append((Gemm(m, b, n, a_t=True),))    # the async dX all-reduce under dW
+                if l == depth - 1:
+                    overlaps.append(())                         # the gathered output
             else:               # row: W [n, n/p]
                 terms.update([Gemm(b, m, n, b_t=True), Gemm(n, b, m, a_t=True), Gemm(b, n, m)])
                 out = n
+                overlaps.append(())                             # the output all-reduce, synchronous
             terms.update([Pointwise("bias_grad", b, out), Pointwise("bias_add", b, out)])
             if l < depth - 1:
                 terms[Pointwise("act", b, out, activation)] += 1
@@ -149,13 +166,17 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
             terms[Pointwise("copy", b, n)] += 1
     terms[Pointwise("loss", b, n)] += 1
     terms[Optimizer(c.params_per_rank)] += 1
-    for msg in c.messages:
-        terms[Collective(msg.op, msg.values, p, msg.bytes_sent)] += 1
+    colls = [Collective(msg.op, msg.values, p, msg.bytes_sent) for msg in c.messages]
+    terms.update(colls)
+    if p == 1:
+        overlaps = []
+    assert len(overlaps) == len(colls), (mode, len(overlaps), len(colls))
     gemms = {t: n for t, n in terms.items() if isinstance(t, Gemm)}
-    if c.messages and gemms:     # the compute between two collectives, as calls of the step's main GEMM
+    if colls and gemms:          # the compute between two collectives, as calls of the step's main GEMM
         unit = max(gemms, key=lambda g: (gemms[g] * g.macs, g.macs, repr(g)))
-        per_segment = sum(g.macs * n for g, n in gemms.items()) / len(c.messages)
-        terms[Wait(unit, max(1, round(per_segment / unit.macs)), p)] += len(c.messages)
+        per_segment = sum(g.macs * n for g, n in gemms.items()) / len(colls)
+        calls = max(1, round(per_segment / unit.macs))
+        terms.update(Wait(unit, calls, coll, ov) for coll, ov in zip(colls, overlaps))
     if framework:
         terms[Framework(mode, depth, p)] += 1
     return terms

@@ -1,5 +1,6 @@
 """The step-time model's terms against the cost model, and ``phantom-plan --calibrate`` / ``--json``
 end to end on 2 gloo ranks (tiny shapes)."""
+import collections
 import json
 import math
 
@@ -94,15 +95,25 @@ def test_edge_and_bias_add_terms():
 @pytest.mark.parametrize("mode,p,k,depth", [("tp", 2, 0, 4), ("phantom", 2, 8, 4), ("phantom", 4, 3, 3),
                                              ("tp", 3, 0, 1)])
 def test_wait_terms(mode, p, k, depth):
-    """One Wait per collective; its compute is the step's GEMM MACs split evenly between the collectives."""
+    """One Wait per collective, naming it and the GEMMs that run while it is in flight; its compute
+    is the step's GEMM MACs split evenly between the collectives."""
     n, b = 48 * p, 16
     terms = timing.step_terms(mode, n, depth, p=p, batch=b, k=k)
-    waits = [(t, c) for t, c in terms.items() if isinstance(t, timing.Wait)]
-    colls = sum(c for t, c in terms.items() if isinstance(t, timing.Collective))
-    assert len(waits) == 1 and waits[0][1] == colls
-    w = waits[0][0]
+    waits = {t: c for t, c in terms.items() if isinstance(t, timing.Wait)}
+    colls = {t: c for t, c in terms.items() if isinstance(t, timing.Collective)}
+    per_coll = collections.Counter()
+    for w, c in waits.items():
+        per_coll[w.coll] += c
+    assert per_coll == colls
+    assert all(g in terms for w in waits for g in w.overlap)
+    # async in the code: phantom's ghost all-gather and reduce-scatter (every layer), megatron's dX
+    # all-reduce (every column layer); the rest (output all-reduce, edge gathers) synchronous
+    hidden = sum(c for w, c in waits.items() if w.overlap)
+    assert hidden == {"tp": (depth + 1) // 2, "phantom": 2 * depth}[mode]
+    assert len({(w.gemm, w.calls) for w in waits}) == 1
+    w = next(iter(waits))
     assert w.gemm in terms and w.p == p
-    per_segment = _gemm_macs(terms) / colls
+    per_segment = _gemm_macs(terms) / sum(colls.values())
     assert abs(w.calls * w.gemm.macs - per_segment) <= w.gemm.macs / 2 or w.calls == 1
     assert not any(isinstance(t, timing.Wait) for t in timing.step_terms(mode, n, depth, p=1, batch=b, k=k))
 
@@ -176,3 +187,30 @@ def test_link_fits_on_gloo_ranks(p):
         assert nbytes == [v * 4 // p * chunks for v in sorted(values)]
         assert len(med) == len(nbytes) and all(m > 0 for m in med)
         assert (alpha, beta) == pytest.approx(timing.fit_alpha_beta(zip(nbytes, med)))
+
+
+def _wait_rank(rank, world_size, waits, alpha):
+    import torch
+    import torch.distributed as dist
+    from phantom_plugin import comm
+    from phantom_plugin.bench.calibrate import _wait_time
+    fits = {w.coll.op: timing.LinkFit(w.coll.op, world_size, alpha, 0.0) for w in waits}
+    out = [_wait_time(w, torch.float32, torch.device("cpu"), dist.group.WORLD, 3, fits) for w in waits]
+    comm.COUNTER.reset()
+    return out
+
+
+def test_wait_time_on_gloo_ranks():
+    """A Wait is measured on real ranks, with and without GEMMs hiding the collective, the same on
+    every rank, and is the collective's in-step time less its fit: a round with a real collective
+    takes longer than its GEMMs, so with a zero fit the wait is positive, and a fit of 10 s (far
+    above any in-step time) leaves it negative."""
+    from dist_utils import run_ranks
+    g = timing.Gemm(16, 32, 16)
+    waits = [timing.Wait(g, 2, timing.Collective("all_gather", 64, 2, 128)),
+             timing.Wait(g, 1, timing.Collective("reduce_scatter", 64, 2, 128), (g, g)),
+             timing.Wait(g, 1, timing.Collective("all_reduce", 4096, 2, 16384), (g,))]
+    for alpha, sign in ((0.0, 1), (10.0, -1)):
+        out = run_ranks(_wait_rank, 2, waits, alpha)
+        assert out[0] == out[1]
+        assert all(sign * w > 0 for w in out[0]), out[0]

@@ -7,8 +7,8 @@ Collectives: each op the plan uses (the plugin's own :mod:`phantom_plugin.comm` 
 all-to-all reduce-scatter included; ``torch.distributed.all_reduce`` for megatron's) is timed at a
 ladder of sizes up to its largest message and at the plan's sizes, back to back, the sizes in
 turn within each repetition, and fitted as ``alpha + beta * bytes`` (:func:`timing.fit_alpha_beta`);
-each collective's time is its fit's. :class:`timing.Wait` is the extra of a collective right
-after a step's worth of compute. The fits are reported (``link``). These collectives are
+each collective's time is its fit's. :class:`timing.Wait` is what the same collective costs more
+right after a step's worth of compute. The fits are reported (``link``). These collectives are
 instrumentation, not counted.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .runner import _DTYPES, quiet_third_party, sync
 __all__ = ["calibrate_rank"]
 
 WINDOW_S, MAX_CALLS = 0.01, 200     # a timing window: at least 10 ms of back-to-back calls, at most 200
-WAIT_CALLS = 3                       # (GEMMs, all-reduce) calls per window of a Wait
+WAIT_CALLS = 3                       # rounds of (GEMMs, collective) per window of a Wait
 
 
 def _calls(fn, device, group, window_s: float = WINDOW_S) -> int:
@@ -110,15 +110,16 @@ def _optimizer_fn(t: timing.Optimizer, dtype, device):
     return opt.step
 
 
-def _collective_fn(t: timing.Collective, dtype, device, group):
+def _collective_fn(t: timing.Collective, dtype, device, group, async_op: bool = False):
+    """``t`` as a call; ``async_op``: the call launches it and returns what to ``wait()`` on."""
     if t.op == "all_gather":
         x = torch.randn(t.values // t.p, dtype=dtype, device=device)
-        return lambda: comm.all_gather(x, group, tag="calibrate")
+        return lambda: comm.all_gather(x, group, async_op=async_op, tag="calibrate")
     if t.op == "reduce_scatter":
         x = torch.randn(t.p, t.values // t.p, dtype=dtype, device=device)
-        return lambda: comm.reduce_scatter(x, group, tag="calibrate")
+        return lambda: comm.reduce_scatter(x, group, async_op=async_op, tag="calibrate")
     x = torch.randn(t.values, dtype=dtype, device=device)
-    return lambda: dist.all_reduce(x, group=group)
+    return lambda: dist.all_reduce(x, group=group, async_op=async_op)
 
 
 def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
@@ -129,7 +130,7 @@ def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
     if isinstance(t, timing.Framework):
         return _framework_time(t, dt, device, group, reps, fits)
     if isinstance(t, timing.Wait):
-        return _wait_time(t, dt, device, group, reps)
+        return _wait_time(t, dt, device, group, reps, fits)
     if isinstance(t, timing.Gemm):
         fn = _gemm_fn(t, dt, device)
     elif isinstance(t, timing.Pointwise):
@@ -143,23 +144,34 @@ def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
         return _median_time(fn, device, group, reps)
 
 
-def _wait_time(t: timing.Wait, dt, device, group, reps: int) -> float:
-    """What ranks lose meeting after ``calls`` GEMMs each. Each of ``reps`` repetitions runs a
-    window of ``WAIT_CALLS`` rounds of (GEMMs, one-value all-reduce), every rank timing its GEMMs
-    in each round, and a window of as many GEMMs back to back, as the GEMM terms are timed. A
-    round costs every rank the slowest rank's GEMMs of that round; the model counts the GEMMs as
-    timed back to back (the slowest rank's median), so the wait is the median over rounds of the
-    slowest rank's time less that (at least 0). The two windows alternate, so slow drift of the
-    load cancels."""
+def _wait_time(t: timing.Wait, dt, device, group, reps: int, fits: dict) -> float:
+    """What ``t.coll`` costs in a step beyond its fit. Each of ``reps`` repetitions runs a window of
+    ``WAIT_CALLS`` rounds of (``t.calls`` GEMMs, the collective launched, ``t.overlap`` GEMMs, its
+    wait), every rank timing each round, and a window of as many rounds' GEMMs back to back, as
+    the GEMM terms are timed. A round costs every rank the slowest rank's round; the model counts
+    the GEMMs as timed back to back (the slowest rank's median) and the collective at its fit, so
+    the wait is the median over rounds of the slowest rank's round less both (of either sign).
+    The two windows alternate, so slow drift of the load cancels."""
     gemm = _gemm_fn(t.gemm, dt, device)
-    one = torch.zeros(1, dtype=dt, device=device)
+    hidden = [_gemm_fn(g, dt, device) for g in t.overlap]
+    launch = _collective_fn(t.coll, dt, device, group, async_op=True)
+
+    def under():
+        for fn in hidden:
+            fn()
+
+    def coll():
+        pending = launch()
+        under()
+        pending.wait()
 
     def compute():
         for _ in range(t.calls):
             gemm()
+        under()
     for _ in range(2):
         compute()
-        dist.all_reduce(one, group=group)
+        coll()
     rounds, alone = [], []
     for _ in range(reps):
         alone.append(_window(compute, WAIT_CALLS, device, group))
@@ -167,15 +179,16 @@ def _wait_time(t: timing.Wait, dt, device, group, reps: int) -> float:
         for _ in range(WAIT_CALLS):
             sync(device)
             t0 = time.perf_counter()
-            compute()
+            for _ in range(t.calls):
+                gemm()
+            coll()
             sync(device)
             rounds.append(time.perf_counter() - t0)
-            dist.all_reduce(one, group=group)          # the ranks meet
     mine = torch.tensor(rounds + alone, dtype=torch.float64, device=comm.collective_device(group))
     every = comm.all_gather(mine, group, tag="calibrate")                # [p, rounds + reps]
     slowest = every[:, :len(rounds)].max(dim=0).values.median().item()
     counted = every[:, len(rounds):].median(dim=1).values.max().item()
-    return max(0.0, slowest - counted)
+    return slowest - counted - fits[t.coll.op].seconds(t.coll.bytes_sent)
 
 
 def _tiny_terms(t: timing.Framework) -> dict:
