@@ -17,9 +17,10 @@ processes, keeps the others waiting); :class:`Wait` measures that extra per coll
 step's worth of compute between two collectives. What the terms leave out (autograd, Python,
 allocations) is :class:`Framework`, measured as a tiny real step of the same mode, depth and
 ranks less its own terms: the same count of autograd nodes and collectives as the real step, so
-it carries their fixed costs to it. Communication is added, not overlapped: on the 2-core CPU
-machine the ghost exchange does not hide behind the GEMMs (the README's A/B measurement), and
-megatron's async input-grad all-reduce has no spare core either. Leaf module: torch-free.
+it carries their fixed costs to it. Overlap enters through :class:`Wait` only: an async
+collective (phantom's ghost exchange, megatron's input-grad all-reduce) is measured with the GEMMs
+the code runs while it is in flight, so what they hide of it is not counted; otherwise
+communication is added to compute. Leaf module: torch-free.
 """
 from __future__ import annotations
 

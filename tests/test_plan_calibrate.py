@@ -74,7 +74,7 @@ def test_plan_json_without_calibration_and_table(capsys):
     assert plan.main(["--width", "64", "--depth", "2", "--ranks", "2", "--ghosts", "4", "--batch", "4",
                       "--calibrate"]) == 0
     out = capsys.readouterr().out
-    assert "predicted step time (calibrated here)" in out and "not overlapped" in out
+    assert "predicted step time (calibrated here)" in out and "step-like rounds" in out
 
 
 def test_edge_and_bias_add_terms():

@@ -30,6 +30,17 @@ __all__ = ["calibrate_rank"]
 
 WINDOW_S, MAX_CALLS = 0.01, 200     # a timing window: at least 10 ms of back-to-back calls, at most 200
 WAIT_CALLS = 3                       # rounds of (GEMMs, collective) per window of a Wait
+SLOW_S = 1.0                         # at least this long per Wait and per tiny step (Framework)
+TRIM = 0.1                           # the slowest rounds' share left out of a Wait's mean
+
+
+def _trimmed_mean(x: torch.Tensor) -> float:
+    """The mean of ``x`` less its largest ``TRIM`` share. A step holds several collectives, and a
+    collective's in-step time is skewed (most rounds fast, some much slower): the median step
+    holds its share of slow rounds, which a sum of medians would leave out; the mean keeps them,
+    trimmed so that a burst of another process's work does not."""
+    v = x.flatten().sort().values
+    return v[:max(1, math.ceil(v.numel() * (1 - TRIM)))].mean().item()
 
 
 def _calls(fn, device, group, window_s: float = WINDOW_S) -> int:
@@ -55,8 +66,9 @@ def _window(fn, calls: int, device, group) -> float:
     return (time.perf_counter() - t0) / calls
 
 
-def _median_time(fn, device, group, reps: int, warmup: int = 2) -> float:
-    """Median over ``reps`` windows of the seconds per call of ``fn`` (:func:`_window`). A window
+def _median_time(fn, device, group, reps: int, warmup: int = 2, min_s: float = 0.0) -> float:
+    """Median over ``reps`` windows (more if they take less than ``min_s`` together) of the
+    seconds per call of ``fn`` (:func:`_window`). A window
     runs ``fn`` back to back for at least ``WINDOW_S``, as a step runs its terms: a term short
     against the scheduler's time slice pays its share of whatever else runs (other ranks, other
     processes), and a collective pays the hand-off between ranks that a barrier just before a
@@ -64,6 +76,7 @@ def _median_time(fn, device, group, reps: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     calls = _calls(fn, device, group)
+    reps = max(reps, math.ceil(min_s / WINDOW_S))      # a window lasts at least WINDOW_S
     return statistics.median(_window(fn, calls, device, group) for _ in range(reps))
 
 
@@ -169,9 +182,16 @@ def _wait_time(t: timing.Wait, dt, device, group, reps: int, fits: dict) -> floa
         for _ in range(t.calls):
             gemm()
         under()
+    def one_round():
+        for _ in range(t.calls):
+            gemm()
+        coll()
     for _ in range(2):
         compute()
         coll()
+    # a collective's in-step time comes and goes with the machine's state (seconds at a time):
+    # at least SLOW_S of rounds, at least ``reps`` windows
+    reps = max(reps, math.ceil(_calls(one_round, device, group, SLOW_S) / WAIT_CALLS))
     rounds, alone = [], []
     for _ in range(reps):
         alone.append(_window(compute, WAIT_CALLS, device, group))
@@ -179,14 +199,12 @@ def _wait_time(t: timing.Wait, dt, device, group, reps: int, fits: dict) -> floa
         for _ in range(WAIT_CALLS):
             sync(device)
             t0 = time.perf_counter()
-            for _ in range(t.calls):
-                gemm()
-            coll()
+            one_round()
             sync(device)
             rounds.append(time.perf_counter() - t0)
     mine = torch.tensor(rounds + alone, dtype=torch.float64, device=comm.collective_device(group))
     every = comm.all_gather(mine, group, tag="calibrate")                # [p, rounds + reps]
-    slowest = every[:, :len(rounds)].max(dim=0).values.median().item()
+    slowest = _trimmed_mean(every[:, :len(rounds)].max(dim=0).values)
     counted = every[:, len(rounds):].median(dim=1).values.max().item()
     return slowest - counted - fits[t.coll.op].seconds(t.coll.bytes_sent)
 
@@ -210,7 +228,7 @@ def _framework_time(t: timing.Framework, dt, device, group, reps: int, fits: dic
     x, y = teacher_batch(0, batch, width, 0, device, dt)
     intercept = comm.intercept_torch_collectives() if t.mode == "tp" else contextlib.nullcontext()
     with torch.enable_grad(), intercept:
-        step = _median_time(lambda: train_step(model, opt, x, y), device, group, max(reps, 11), warmup=3)
+        step = _median_time(lambda: train_step(model, opt, x, y), device, group, reps, warmup=3, min_s=SLOW_S)
     own = sum(c * _term_time(term, dt, device, group, reps, fits) for term, c in _tiny_terms(t).items())
     return step - own
 
