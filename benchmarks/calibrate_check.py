@@ -9,7 +9,7 @@ average is read before and after each point. Writes ``check.json``, ``check.md``
     python benchmarks/calibrate_check.py [--points 2048,4,2,32,256 1024,4,2,16,256 ...]
                                          [--steps 35] [--repeats 3] [--out benchmarks/results/calibrate]
 
-A point is ``width,depth,ranks,ghosts,batch``. About 8 minutes on the 2-core CPU machine for the
+A point is ``width,depth,ranks,ghosts,batch``. About 10 minutes on the 2-core CPU machine for the
 four default points; run it on a quiet machine (the load columns say how quiet it was).
 """
 from __future__ import annotations

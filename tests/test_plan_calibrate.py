@@ -67,6 +67,19 @@ def test_plan_calibrate_json(capsys):
     assert doc["modeled"]["phantom"]["params"] == cost.phantom_ffn_cost(64, 3, p=2, k=4, batch=8).params
 
 
+def test_calibrate_oversubscribed_leaves_waits_out():
+    """More ranks x threads than usable cores: the waits are neither measured nor added, and the
+    note says so (a rank blocked in a collective lends its core to another rank's compute)."""
+    import os
+    cores = len(os.sched_getaffinity(0))
+    pred = plan.calibrated_prediction(64, 2, 2, 4, 8, "fp32", threads=cores)
+    assert pred["oversubscribed"] and pred["cores"] == cores
+    for mode in ("tp", "phantom"):
+        assert pred["parts_s"][mode]["wait"] == 0.0
+        assert pred["parts_s"][mode]["gemm"] > 0 and pred["parts_s"][mode]["collective"] > 0
+    assert "wait not added" in plan._calibration_note(pred, 2)
+
+
 def test_plan_json_without_calibration_and_table(capsys):
     assert plan.main(["--width", "64", "--depth", "2", "--ranks", "2", "--ghosts", "4", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)

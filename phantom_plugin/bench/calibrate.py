@@ -163,8 +163,8 @@ def _wait_time(t: timing.Wait, dt, device, group, reps: int, fits: dict) -> floa
     wait), every rank timing each round, and a window of as many rounds' GEMMs back to back, as
     the GEMM terms are timed. A round costs every rank the slowest rank's round; the model counts
     the GEMMs as timed back to back (the slowest rank's median) and the collective at its fit, so
-    the wait is the median over rounds of the slowest rank's round less both (of either sign).
-    The two windows alternate, so slow drift of the load cancels."""
+    the wait is the trimmed mean (:func:`_trimmed_mean`) over rounds of the slowest rank's round
+    less both (of either sign). The two windows alternate, so slow drift of the load cancels."""
     gemm = _gemm_fn(t.gemm, dt, device)
     hidden = [_gemm_fn(g, dt, device) for g in t.overlap]
     launch = _collective_fn(t.coll, dt, device, group, async_op=True)
@@ -182,6 +182,7 @@ def _wait_time(t: timing.Wait, dt, device, group, reps: int, fits: dict) -> floa
         for _ in range(t.calls):
             gemm()
         under()
+
     def one_round():
         for _ in range(t.calls):
             gemm()
