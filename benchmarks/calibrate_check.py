@@ -51,23 +51,26 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _bench(pt: dict, steps: int, warmup: int) -> dict:
+def _bench(pt: dict, steps: int, warmup: int, bind: list) -> dict:
     with tempfile.TemporaryDirectory() as out:
         _run([sys.executable, "-m", "phantom_plugin.bench.cli", *_args(pt), "--steps", str(steps),
-              "--warmup", str(warmup), "--no-progress", "--out", out])
+              "--warmup", str(warmup), "--no-progress", "--out", out, *bind])
         with open(os.path.join(out, "results.json")) as f:
             return {r["mode"]: r["step_time_s"] for r in json.load(f)["runs"]}
 
 
-def check_point(pt: dict, steps: int, warmup: int, repeats: int) -> dict:
-    """``repeats`` times a calibration then a benchmark, alternating; the medians of each side."""
-    rec = {**pt, "load_before": _load(), "calibrations": [], "benches": []}
+def check_point(pt: dict, steps: int, warmup: int, repeats: int, bind_cores: bool = False) -> dict:
+    """``repeats`` times a calibration then a benchmark, alternating; the medians of each side.
+    ``bind_cores``: both with ``--bind-cores`` where the point's ranks fit the usable cores."""
+    bind = ["--bind-cores"] if bind_cores and pt["ranks"] <= len(os.sched_getaffinity(0)) else []
+    rec = {**pt, "load_before": _load(), "calibrations": [], "benches": [], "bind_cores": bool(bind)}
     t0 = time.perf_counter()
     for _ in range(repeats):
-        plan = json.loads(_run([sys.executable, "-m", "phantom_plugin.plan", *_args(pt), "--calibrate", "--json"]))
+        plan = json.loads(_run([sys.executable, "-m", "phantom_plugin.plan", *_args(pt), "--calibrate", "--json",
+                                *bind]))
         rec["calibrations"].append({"predicted_s": plan["predicted_step_time_s"], "parts_s": plan["parts_s"],
                                     "link": plan["link"], "load": _load()})
-        rec["benches"].append({"measured_s": _bench(pt, steps, warmup), "load": _load()})
+        rec["benches"].append({"measured_s": _bench(pt, steps, warmup, bind), "load": _load()})
     rec["wall_s"] = round(time.perf_counter() - t0, 1)
     rec["load_after"] = _load()
     med = statistics.median
@@ -91,7 +94,9 @@ def markdown(recs: list[dict], steps: int, warmup: int, repeats: int) -> str:
             f"--calibrate, then phantom-bench: medians of {steps - warmup} steps after {warmup} warm-up), "
             "alternating; the table gives the median of the predictions and of the measured medians, and "
             "the range of the measured ones (the benchmark's own run-to-run spread). Load: the 1-minute "
-            "load average before / after the point.\n")
+            "load average before / after the point."
+            + (" Ranks bound to cores (--bind-cores) at the points marked *." if any(r["bind_cores"] for r in recs)
+               else "") + "\n")
     rows = ["| width | depth | ranks | k | batch | TP predicted / measured ms (range) | phantom predicted / "
             "measured ms (range) | phantom/TP predicted / measured (range) | load |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -100,7 +105,8 @@ def markdown(recs: list[dict], steps: int, warmup: int, repeats: int) -> str:
         cells = [f"{p[x] * 1e3:.1f} / {m[x] * 1e3:.1f} ({rg[x][0] * 1e3:.1f}-{rg[x][1] * 1e3:.1f}) "
                  f"**{e[x]:+.0f}%**" for x in MODES]
         lo, hi = r["ratio_measured_range"]
-        rows.append(f"| {r['width']} | {r['depth']} | {r['ranks']} | {r['ghosts']} | {r['batch']} | "
+        rows.append(f"| {r['width']} | {r['depth']} | {r['ranks']}{'*' if r['bind_cores'] else ''} | {r['ghosts']} | "
+                    f"{r['batch']} | "
                     f"{cells[0]} | {cells[1]} | {r['ratio_predicted']:.3f} / {r['ratio_measured']:.3f} "
                     f"({lo:.3f}-{hi:.3f}) | {r['load_before']:.1f} / {r['load_after']:.1f} |")
     worst = max(abs(r["error_pct"][x]) for r in recs for x in MODES)
@@ -152,13 +158,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=35, help="phantom-bench steps per mode")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="calibrations and benchmarks per point")
+    ap.add_argument("--bind-cores", action="store_true",
+                    help="calibrate and benchmark with --bind-cores (points whose ranks fit the usable cores)")
     ap.add_argument("--out", default="benchmarks/results/calibrate")
     a = ap.parse_args()
     recs = []
     t0 = time.perf_counter()
     for i, pt in enumerate(a.points):
         print(f"[{i + 1}/{len(a.points)}] {pt} (load {_load():.2f}) ...", flush=True)
-        r = check_point(pt, a.steps, a.warmup, a.repeats)
+        r = check_point(pt, a.steps, a.warmup, a.repeats, a.bind_cores)
         recs.append(r)
         print("    " + "; ".join(f"{x} predicted {r['predicted_s'][x] * 1e3:.1f} ms, measured "
                                   f"{r['measured_s'][x] * 1e3:.1f} ms ({r['error_pct'][x]:+.0f}%)" for x in MODES)
@@ -169,7 +177,7 @@ def main() -> None:
     doc = {"command": "python benchmarks/calibrate_check.py " + " ".join(sys.argv[1:]),
            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "host": platform.node(), "machine": recs[0]["machine"], "cores": os.cpu_count(),
-           "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "wall_s": round(time.perf_counter() - t0, 1), "points": recs}
+           "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats, "bind_cores": a.bind_cores, "wall_s": round(time.perf_counter() - t0, 1), "points": recs}
     paths = [os.path.join(a.out, f) for f in ("check.json", "check.md", "check.png")]
     with open(paths[0], "w") as f:
         json.dump(doc, f, indent=1)

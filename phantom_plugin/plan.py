@@ -102,15 +102,17 @@ def plan_dict(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype
 
 
 def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,
-                          activation: str = "gelu", threads: int = 0) -> dict:
+                          activation: str = "gelu", threads: int = 0, bind_cores: bool = False) -> dict:
     """Measure the step terms of both models on ``ranks`` fresh ranks and predict their step times.
 
     Returns ``{"predicted_step_time_s": {"tp", "phantom"}, "ratio", "parts_s": {...},
     "link": {"latency_s", "bandwidth_bytes_per_s", "fits"}, "machine", "threads_per_rank", "cores",
-    "oversubscribed"}``. More ranks x threads than ``cores`` (the CPUs this process may run on)
-    share the cores: every term is timed by all ranks at once, so the sharing is in the times,
-    and the waits are not added (a rank blocked in a collective lends its core to another's
-    compute; adding them overestimated phantom by 54 % at 4 ranks on 2 cores).
+    "oversubscribed", "bind_cores"}``. ``bind_cores``: each rank on cores of its own
+    (:func:`phantom_plugin.launch.run_ranks`), as ``phantom-bench --bind-cores`` runs them. More
+    ranks x threads than ``cores`` (the CPUs this process may run on) share the cores: every term
+    is timed by all ranks at once, so the sharing is in the times, and the waits are not added (a
+    rank blocked in a collective lends its core to another's compute; adding them overestimated
+    phantom by 54 % at 4 ranks on 2 cores).
     """
     import torch
     from . import timing
@@ -130,7 +132,7 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     distinct = sorted({t for m in terms.values() for t in m if not isinstance(t, skip)}, key=repr)
     chains = {mode: timing.gemm_chain(terms[mode]) for mode in terms}
     secs, link, chain_s = run_ranks(calibrate_rank, ranks, distinct, dtype, 7, chains, timeout=600,
-                                    backend="nccl" if nccl else "gloo", threads=threads)[0]
+                                    backend="nccl" if nccl else "gloo", threads=threads, bind_cores=bind_cores)[0]
     measured = dict(zip(distinct, secs))
     measured.update({t: 0.0 for m in terms.values() for t in m if isinstance(t, timing.Wait) and t not in measured})
     pred = {mode: timing.predict(terms[mode], measured, gemm_chain_s=chain_s[mode]) for mode in terms}
@@ -139,7 +141,7 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
             "ratio": pred["phantom"]["step_time_s"] / pred["tp"]["step_time_s"],
             "parts_s": {m: pred[m]["parts_s"] for m in pred}, "link": link,
             "machine": machine_description(device), "threads_per_rank": threads, "cores": cores,
-            "oversubscribed": oversubscribed}
+            "oversubscribed": oversubscribed, "bind_cores": bind_cores}
 
 
 def _prediction_rows(pred: dict) -> list[str]:
@@ -155,6 +157,7 @@ def _prediction_rows(pred: dict) -> list[str]:
 
 def _calibration_note(pred: dict, ranks: int) -> str:
     over = f" on {pred['cores']} usable cores (oversubscribed)" if pred["oversubscribed"] else ""
+    over += ", each on cores of its own (--bind-cores)" if pred.get("bind_cores") else ""
     fits = []
     for op, f in sorted(pred["link"].get("fits", {}).items()):
         bw = f"{1e-9 / f['beta_s_per_byte']:.2f} GB/s" if f["beta_s_per_byte"] > 0 else "no size effect"
@@ -182,6 +185,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--calibrate", action="store_true",
                     help="measure this machine's GEMM, pointwise, optimizer and collective times on --ranks "
                          "ranks and predict both models' step time")
+    ap.add_argument("--bind-cores", action="store_true",
+                    help="--calibrate with each rank on cores of its own, as phantom-bench --bind-cores")
     ap.add_argument("--activation", default="gelu", choices=["gelu", "relu", "silu", "tanh"],
                     help="activation between layers (--calibrate)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -208,8 +213,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("give --ghosts K, or --param-budget / --traffic-budget to have k suggested")
     if not 1 <= ghosts <= a.width // a.ranks:
         ap.error(f"--ghosts must be between 1 and width/ranks = {a.width // a.ranks}")
-    pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation)
-            if a.calibrate else None)
+    if a.bind_cores and not a.calibrate:
+        ap.error("--bind-cores applies to --calibrate; add --calibrate")
+    if a.bind_cores:
+        from .launch import bound_cores
+        try:
+            bound_cores(a.ranks, max(1, (os.cpu_count() or 1) // a.ranks))
+        except ValueError as e:
+            ap.error(f"--bind-cores: {e}")
+    pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation,
+                                  bind_cores=a.bind_cores) if a.calibrate else None)
     hint = k_time_to_loss_hint(a.width, a.ranks, ghosts) if a.ranks > 1 else None
     if a.json:
         out = plan_dict(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, pred)

@@ -227,3 +227,36 @@ def test_wait_time_on_gloo_ranks():
         out = run_ranks(_wait_rank, 2, waits, alpha)
         assert out[0] == out[1]
         assert all(sign * w > 0 for w in out[0]), out[0]
+
+
+def _affinity_rank(rank, world_size):
+    import os
+    import torch
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    return sorted(os.sched_getaffinity(0))
+
+
+def test_run_ranks_bind_cores():
+    """bind_cores: rank r runs on the r-th block of usable cores; too many ranks x threads is a
+    ValueError naming the fix, before any rank starts."""
+    import os
+    from phantom_plugin import launch
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs 2 usable cores")
+    assert launch.run_ranks(_affinity_rank, 2, bind_cores=True) == [[cores[0]], [cores[1]]]
+    assert launch.bound_cores(1, len(cores)) == [cores]
+    with pytest.raises(ValueError, match="bind fewer ranks or threads"):
+        launch.run_ranks(_affinity_rank, len(cores) + 1, bind_cores=True)
+    with pytest.raises(SystemExit):
+        plan.main(["--width", "64", "--depth", "2", "--ranks", "2", "--ghosts", "4", "--bind-cores"])
+
+
+def test_bench_bind_cores_checked_before_running(capsys):
+    """phantom-bench --bind-cores refuses rank counts that do not fit the usable cores at parse time."""
+    import os
+    from phantom_plugin.bench import cli
+    too_many = len(os.sched_getaffinity(0)) + 1
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--ranks", f"2,{too_many}", "--bind-cores"])
+    assert f"--bind-cores with --ranks {too_many}" in capsys.readouterr().err

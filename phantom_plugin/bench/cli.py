@@ -54,6 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="also measure the dense GEMM rate and the hidden ghost communication")
     ap.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"])
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads per rank (0: cores/ranks)")
+    ap.add_argument("--bind-cores", action="store_true",
+                    help="run each rank's compute on cores of its own (ranks x threads <= usable cores; "
+                         "steadier CPU timings)")
     ap.add_argument("--energy-preset", default="h100-sxm-bf16", help="device preset of the modeled energy")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     ap.add_argument("--out", default="bench_out", help="output folder")
@@ -63,6 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--inference runs the grid only (got --recipe {args.recipe}): time to a loss needs training")
     if args.inference and args.probe:
         ap.error("--probe measures training steps; drop it with --inference")
+    if args.bind_cores:
+        from ..launch import bound_cores
+        for p in args.ranks:
+            try:
+                bound_cores(p, args.threads or max(1, (os.cpu_count() or 1) // p))
+            except ValueError as e:
+                ap.error(f"--bind-cores with --ranks {p}: {e}")
     args.modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in args.modes if m not in ("tp", "phantom")]
     if bad:
@@ -104,9 +114,9 @@ def run_one(args, p: int, spec, fn=None):
     backend = backend_for(args, p)
     threads = args.threads or max(1, cores // p)
     out = run_ranks(fn or train_rank, p, spec, not args.no_progress, timeout=args.timeout, backend=backend,
-                    threads=threads)[0]
+                    threads=threads, bind_cores=args.bind_cores)[0]
     for r in out if isinstance(out, list) else [out]:
-        r.update(backend=backend, threads_per_rank=threads,
+        r.update(backend=backend, threads_per_rank=threads, bind_cores=args.bind_cores,
                  oversubscribed=backend == "gloo" and p * threads > cores)
     return out
 
