@@ -31,7 +31,10 @@ def free_port() -> int:
 
 def bound_cores(world_size: int, threads: int) -> list[list[int]]:
     """Each rank's block of ``threads`` usable cores (``os.sched_getaffinity``), in rank order.
-    Raises ``ValueError`` when ``world_size * threads`` exceeds the usable cores."""
+    Raises ``ValueError`` when ``world_size * threads`` exceeds the usable cores, or where the OS
+    cannot bind threads (``os.sched_setaffinity`` is Linux's)."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("bind_cores needs os.sched_setaffinity (Linux); leave bind_cores off here")
     cores = sorted(os.sched_getaffinity(0))
     if world_size * threads > len(cores):
         raise ValueError(f"bind_cores: {world_size} ranks x {threads} thread(s) need {world_size * threads} "
