@@ -45,12 +45,12 @@ def _rank(rank, ws, mode, width, depth, ghosts, batch):
 
 
 def main() -> None:
-    from phantom_plugin.launch import run_ranks
+    from phantom_plugin.launch import default_threads, run_ranks
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("width", 2048), ("depth", 4), ("ghosts", 32), ("batch", 256), ("ranks", 2)):
         ap.add_argument(f"--{name}", type=int, default=default)
     a = ap.parse_args()
-    threads = max(1, (os.cpu_count() or 1) // a.ranks)
+    threads = default_threads(a.ranks)
     for mode in ("phantom", "tp"):
         per_rank = run_ranks(_rank, a.ranks, mode, a.width, a.depth, a.ghosts, a.batch, threads=threads)
         print(mode, "ms per rank:", per_rank)

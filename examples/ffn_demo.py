@@ -7,11 +7,10 @@ Task: Gaussian inputs and targets from a fixed random teacher network (see
 from __future__ import annotations
 
 import argparse
-import os
 
 from phantom_plugin.bench.report import demo_table
 from phantom_plugin.bench.runner import RunSpec, train_rank
-from phantom_plugin.launch import run_ranks
+from phantom_plugin.launch import default_threads, run_ranks
 
 
 def main() -> None:
@@ -24,7 +23,7 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args()
-    threads = max(1, (os.cpu_count() or 1) // args.ranks)
+    threads = default_threads(args.ranks)
     results = {}
     for mode in ("tp", "phantom"):
         spec = RunSpec(mode=mode, width=args.width, depth=args.depth, ghost_dim=args.ghosts,

@@ -29,6 +29,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def default_threads(world_size: int) -> int:
+    """Intra-op threads per rank when none are asked for: this machine's CPUs split between the
+    ranks, at least one (``make demo``, ``phantom-bench``, ``phantom-plan --calibrate``)."""
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
 def bound_cores(world_size: int, threads: int) -> list[list[int]]:
     """Each rank's block of ``threads`` usable cores (``os.sched_getaffinity``), in rank order.
     Raises ``ValueError`` when ``world_size * threads`` exceeds the usable cores, or where the OS

@@ -118,11 +118,11 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     from . import timing
     from .bench.calibrate import calibrate_rank
     from .bench.runner import machine_description
-    from .launch import run_ranks
+    from .launch import default_threads, run_ranks
     terms = {mode: timing.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts,
                                      activation=activation, dtype=dtype) for mode in ("tp", "phantom")}
     nccl = torch.cuda.is_available() and torch.cuda.device_count() >= ranks
-    threads = threads or max(1, (os.cpu_count() or 1) // ranks)      # as phantom-bench chooses them
+    threads = threads or default_threads(ranks)                      # as phantom-bench chooses them
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     oversubscribed = not nccl and ranks * threads > cores
     # GEMMs are timed as each model's chain (below), not shape by shape. Ranks sharing cores: a rank
@@ -216,9 +216,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.bind_cores and not a.calibrate:
         ap.error("--bind-cores applies to --calibrate; add --calibrate")
     if a.bind_cores:
-        from .launch import bound_cores
+        from .launch import bound_cores, default_threads
         try:
-            bound_cores(a.ranks, max(1, (os.cpu_count() or 1) // a.ranks))
+            bound_cores(a.ranks, default_threads(a.ranks))
         except ValueError as e:
             ap.error(f"--bind-cores: {e}")
     pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation,

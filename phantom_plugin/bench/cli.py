@@ -67,10 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.inference and args.probe:
         ap.error("--probe measures training steps; drop it with --inference")
     if args.bind_cores:
-        from ..launch import bound_cores
+        from ..launch import bound_cores, default_threads
         for p in args.ranks:
             try:
-                bound_cores(p, args.threads or max(1, (os.cpu_count() or 1) // p))
+                bound_cores(p, args.threads or default_threads(p))
             except ValueError as e:
                 ap.error(f"--bind-cores with --ranks {p}: {e}")
     args.modes = [m for m in args.modes.split(",") if m]
@@ -108,11 +108,11 @@ def backend_for(args, p: int) -> str:
 def run_one(args, p: int, spec, fn=None):
     """Start ``p`` ranks, run ``fn`` (default: train ``spec``), return rank 0's result (a record,
     or a list of records for :func:`.inference.infer_rank`) with the launch conditions."""
-    from ..launch import run_ranks
+    from ..launch import default_threads, run_ranks
     from .runner import train_rank
     cores = os.cpu_count() or 1
     backend = backend_for(args, p)
-    threads = args.threads or max(1, cores // p)
+    threads = args.threads or default_threads(p)
     out = run_ranks(fn or train_rank, p, spec, not args.no_progress, timeout=args.timeout, backend=backend,
                     threads=threads, bind_cores=args.bind_cores)[0]
     for r in out if isinstance(out, list) else [out]:
