@@ -3,12 +3,15 @@
     phantom-plan --width 8192 --depth 4 --ranks 8 --ghosts 64 [--batch 1] [--dtype bf16]
     phantom-plan --width 8192 --depth 4 --ranks 8 --param-budget 0.25     # suggest k
     phantom-plan --width 2048 --depth 4 --ranks 2 --ghosts 32 --batch 256 --calibrate [--json]
+    phantom-plan --width 8192 --depth 4 --ranks 8 --ghosts 64 --batch 8192 --dtype bf16 --datasheet h100-sxm
 
 Numbers are modeled (see :mod:`phantom_plugin.cost`), per training step; bytes are what one
 rank sends under ring collectives. ``--calibrate`` starts ``--ranks`` ranks on this machine (gloo;
 NCCL with one GPU per rank when enough are visible), times every GEMM shape, pointwise pass,
 optimizer step and collective of both models' training step there (a few seconds), and predicts
-each model's step time from them (:mod:`phantom_plugin.timing`). ``--json`` prints the same as JSON.
+each model's step time from them (:mod:`phantom_plugin.timing`). ``--datasheet DEVICE`` prices the
+same terms at a GPU's datasheet rates and a stated link instead (:mod:`phantom_plugin.datasheet`):
+extrapolated, not measured, and labelled so. ``--json`` prints the same as JSON.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import sys
 from typing import Optional, Sequence
 
 from . import cost
+from .datasheet import GPUS_PER_NODE, SHEETS, extrapolate
 
 __all__ = ["main", "plan_table", "k_time_to_loss_hint"]
 
@@ -131,7 +135,9 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     skip = (timing.Gemm, timing.Wait) if oversubscribed else (timing.Gemm,)
     distinct = sorted({t for m in terms.values() for t in m if not isinstance(t, skip)}, key=repr)
     chains = {mode: timing.gemm_chain(terms[mode]) for mode in terms}
-    secs, link, chain_s = run_ranks(calibrate_rank, ranks, distinct, dtype, 7, chains, timeout=600,
+    # Adam runs once a step, its moments evicted by the step's GEMMs since: timed after the chain
+    after = {t: mode for mode in terms for t in terms[mode] if isinstance(t, timing.Optimizer)}
+    secs, link, chain_s = run_ranks(calibrate_rank, ranks, distinct, dtype, 7, chains, after, timeout=600,
                                     backend="nccl" if nccl else "gloo", threads=threads, bind_cores=bind_cores)[0]
     measured = dict(zip(distinct, secs))
     measured.update({t: 0.0 for m in terms.values() for t in m if isinstance(t, timing.Wait) and t not in measured})
@@ -153,6 +159,30 @@ def _prediction_rows(pred: dict) -> list[str]:
         ratio = f"{b / a:.4f}" if a else "-"
         rows.append(f"| - of which {part} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio} |")
     return rows
+
+
+def _time(s: float) -> str:
+    return f"{s * 1e3:.2f} ms" if abs(s) >= 1e-3 else f"{s * 1e6:.1f} us"
+
+
+def _extrapolation_rows(ext: dict) -> list[str]:
+    t, info = ext["extrapolated_step_time_s"], ext["extrapolation"]
+    rows = [f"| step time extrapolated ({info['device']} datasheet, not measured) | {_time(t['tp'])} | "
+            f"{_time(t['phantom'])} | {ext['extrapolated_ratio']:.4f} |"]
+    for part in ("gemm", "pointwise", "optimizer", "collective", "wait"):
+        a, b = (ext["extrapolated_parts_s"][m].get(part, 0.0) for m in ("tp", "phantom"))
+        ratio = f"{b / a:.4f}" if a else "-"
+        rows.append(f"| - of which {part} | {_time(a)} | {_time(b)} | {ratio} |")
+    return rows
+
+
+def _extrapolation_note(ext: dict) -> str:
+    info = ext["extrapolation"]
+    eff = "" if info["gemm_efficiency"] == 1 else f" x {info['gemm_efficiency']:g} (given efficiency)"
+    return (f"Extrapolated, not measured: {info['device']}, {info['dtype']} GEMMs at "
+            f"{info['matmul_flops_per_s'] / 1e12:g} TFLOP/s{eff} or memory-bound at "
+            f"{info['memory_bytes_per_s'] / 1e12:g} TB/s; {info['link']}. {info['model']}. "
+            f"Figures: {info['source']}.")
 
 
 def _calibration_note(pred: dict, ranks: int) -> str:
@@ -189,6 +219,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="--calibrate with each rank on cores of its own, as phantom-bench --bind-cores")
     ap.add_argument("--activation", default="gelu", choices=["gelu", "relu", "silu", "tanh"],
                     help="activation between layers (--calibrate)")
+    ap.add_argument("--datasheet", choices=sorted(SHEETS),
+                    help="also extrapolate both models' step time on --ranks GPUs of this device from its "
+                         "datasheet rates (not measured)")
+    ap.add_argument("--gemm-efficiency", type=float,
+                    help="--datasheet: share of the peak GEMM rate reached, in (0, 1] (default 1: a lower bound)")
+    ap.add_argument("--link-gbs", type=float,
+                    help="--datasheet: link GB/s per direction per GPU (default: NVLink from the datasheet "
+                         "within --gpus-per-node, 50 GB/s network across nodes)")
+    ap.add_argument("--link-latency-us", type=float, help="--datasheet: latency per collective in us "
+                                                          "(default 10 within a node, 20 across nodes)")
+    ap.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE,
+                    help="--datasheet: GPUs a node links with NVLink")
     ap.add_argument("--json", action="store_true", help="print JSON instead of the table")
     a = ap.parse_args(argv)
     for name in ("width", "depth", "ranks", "batch"):
@@ -213,6 +255,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error("give --ghosts K, or --param-budget / --traffic-budget to have k suggested")
     if not 1 <= ghosts <= a.width // a.ranks:
         ap.error(f"--ghosts must be between 1 and width/ranks = {a.width // a.ranks}")
+    given = [f"--{n.replace('_', '-')}" for n in ("gemm_efficiency", "link_gbs", "link_latency_us")
+             if getattr(a, n) is not None]
+    if given and not a.datasheet:
+        ap.error(f"{', '.join(given)} apply to --datasheet; add --datasheet DEVICE")
+    if a.gemm_efficiency is not None and not 0 < a.gemm_efficiency <= 1:
+        ap.error(f"--gemm-efficiency must be in (0, 1] (a share of the datasheet's peak), got {a.gemm_efficiency}")
+    if a.link_gbs is not None and a.link_gbs <= 0:
+        ap.error(f"--link-gbs must be > 0, got {a.link_gbs}")
+    if a.link_latency_us is not None and a.link_latency_us < 0:
+        ap.error(f"--link-latency-us must be >= 0, got {a.link_latency_us}")
+    if a.gpus_per_node < 1:
+        ap.error("--gpus-per-node must be >= 1")
     if a.bind_cores and not a.calibrate:
         ap.error("--bind-cores applies to --calibrate; add --calibrate")
     if a.bind_cores:
@@ -223,15 +277,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ap.error(f"--bind-cores: {e}")
     pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation,
                                   bind_cores=a.bind_cores) if a.calibrate else None)
+    ext = None
+    if a.datasheet:
+        try:
+            ext = extrapolate(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.datasheet,
+                              activation=a.activation, efficiency=a.gemm_efficiency or 1.0,
+                              link_bytes_per_s=None if a.link_gbs is None else a.link_gbs * 1e9,
+                              link_latency_s=None if a.link_latency_us is None else a.link_latency_us * 1e-6,
+                              gpus_per_node=a.gpus_per_node)
+        except ValueError as e:
+            ap.error(str(e))
     hint = k_time_to_loss_hint(a.width, a.ranks, ghosts) if a.ranks > 1 else None
     if a.json:
         out = plan_dict(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, pred)
+        if ext is not None:
+            out.update(ext)
         out["k_time_to_loss_hint"] = hint
         print(json.dumps(out, indent=1))
         return 0
     table = plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype)
     if pred is not None:
-        table += "\n" + "\n".join(_prediction_rows(pred)) + "\n\n" + _calibration_note(pred, a.ranks)
+        table += "\n" + "\n".join(_prediction_rows(pred))
+    if ext is not None:
+        table += "\n" + "\n".join(_extrapolation_rows(ext))
+    if pred is not None:
+        table += "\n\n" + _calibration_note(pred, a.ranks)
+    if ext is not None:
+        table += "\n\n" + _extrapolation_note(ext)
     if hint is not None:
         table += "\n\n" + _hint_note(hint, ghosts)
     print(table)

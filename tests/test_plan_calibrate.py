@@ -229,6 +229,32 @@ def test_wait_time_on_gloo_ranks():
         assert all(sign * w > 0 for w in out[0]), out[0]
 
 
+def _after_rank(rank, world_size):
+    import time
+    import torch
+    import torch.distributed as dist
+    from phantom_plugin.bench.calibrate import _after_time
+    calls = []
+
+    def before():                      # slow, and different on each rank: not in the time
+        calls.append("before")
+        time.sleep(0.05 * (rank + 1))
+
+    def fn():
+        calls.append("fn")
+    secs = _after_time(fn, before, torch.device("cpu"), dist.group.WORLD, 3)
+    return secs, calls
+
+
+def test_after_time_leaves_out_what_runs_before():
+    """The optimizer is timed one call at a time right after the step's GEMM chain: the chain
+    (here a 50-100 ms sleep) runs before every timed call, on every rank, and is not counted."""
+    from dist_utils import run_ranks
+    for secs, calls in run_ranks(_after_rank, 2):
+        assert calls == ["fn"] + ["before", "fn"] * 3
+        assert 0 <= secs < 0.01
+
+
 def _affinity_rank(rank, world_size):
     import os
     import torch
