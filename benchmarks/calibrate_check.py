@@ -59,10 +59,20 @@ def _bench(pt: dict, steps: int, warmup: int, bind: list) -> dict:
             return {r["mode"]: r["step_time_s"] for r in json.load(f)["runs"]}
 
 
+def _fits_cores(ranks: int) -> bool:
+    """Whether ``ranks`` ranks can be bound to cores here, as phantom-plan and phantom-bench decide it."""
+    from phantom_plugin.launch import bound_cores, default_threads
+    try:
+        bound_cores(ranks, default_threads(ranks))
+    except ValueError:
+        return False
+    return True
+
+
 def check_point(pt: dict, steps: int, warmup: int, repeats: int, bind_cores: bool = False) -> dict:
     """``repeats`` times a calibration then a benchmark, alternating; the medians of each side.
     ``bind_cores``: both with ``--bind-cores`` where the point's ranks fit the usable cores."""
-    bind = ["--bind-cores"] if bind_cores and pt["ranks"] <= len(os.sched_getaffinity(0)) else []
+    bind = ["--bind-cores"] if bind_cores and _fits_cores(pt["ranks"]) else []
     rec = {**pt, "load_before": _load(), "calibrations": [], "benches": [], "bind_cores": bool(bind)}
     t0 = time.perf_counter()
     for _ in range(repeats):

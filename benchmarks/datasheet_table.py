@@ -33,13 +33,15 @@ def rows(device: str, depth: int, ghosts: int, tokens: int, dtype: str, efficien
     return out
 
 
-def markdown(recs: list[dict], depth: int, ghosts: int, tokens: int) -> str:
+def markdown(recs: list[dict], device: str, depth: int, ghosts: int, tokens: int) -> str:
     info = recs[0]["extrapolation"]
     eff = "" if info["gemm_efficiency"] == 1 else f" x {info['gemm_efficiency']:g}"
+    nvlink = datasheet.SHEETS[device].nvlink_bytes_per_s
     lines = [f"**Extrapolated from datasheet figures, not measured.** {info['device']}, {info['dtype']}, "
              f"FFN depth {depth}, k = {ghosts}, {tokens} tokens per step, per rank; GEMMs at "
              f"{info['matmul_flops_per_s'] / 1e12:g} TFLOP/s{eff} or memory-bound; NVLink "
-             "450 GB/s per direction within 8 GPUs, 50 GB/s per GPU across nodes (assumed); "
+             f"{nvlink / 1e9:g} GB/s per direction within {datasheet.GPUS_PER_NODE} GPUs, "
+             f"{datasheet.NET_BYTES_PER_S / 1e9:g} GB/s per GPU across nodes (assumed); "
              "async collectives hidden under the GEMMs the code overlaps them with.", "",
              "| width | ranks | TP ms (of which collectives, after overlap) | phantom ms (of which collectives) | phantom/TP |",
              "|---:|---:|---|---|---:|"]
@@ -61,7 +63,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/datasheet")
     a = ap.parse_args()
     recs = rows(a.device, a.depth, a.ghosts, a.tokens, a.dtype, a.efficiency)
-    md = markdown(recs, a.depth, a.ghosts, a.tokens)
+    md = markdown(recs, a.device, a.depth, a.ghosts, a.tokens)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"{a.device}.json"), "w") as f:
         json.dump({"command": "python benchmarks/datasheet_table.py " + " ".join(sys.argv[1:]), "rows": recs}, f, indent=1)

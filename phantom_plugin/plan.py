@@ -150,15 +150,19 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
             "oversubscribed": oversubscribed, "bind_cores": bind_cores}
 
 
-def _prediction_rows(pred: dict) -> list[str]:
-    t = pred["predicted_step_time_s"]
-    rows = [f"| predicted step time (calibrated here) | {t['tp'] * 1e3:.1f} ms | {t['phantom'] * 1e3:.1f} ms "
-            f"| {pred['ratio']:.4f} |"]
-    for part in ("gemm", "pointwise", "optimizer", "collective", "wait", "framework"):
-        a, b = pred["parts_s"]["tp"].get(part, 0.0), pred["parts_s"]["phantom"].get(part, 0.0)
-        ratio = f"{b / a:.4f}" if a else "-"
-        rows.append(f"| - of which {part} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {ratio} |")
+def _time_rows(label: str, step_s: dict, ratio: float, parts_s: dict, parts: tuple, fmt) -> list[str]:
+    """A step time row of both models and one row per part, each time written by ``fmt``."""
+    rows = [f"| {label} | {fmt(step_s['tp'])} | {fmt(step_s['phantom'])} | {ratio:.4f} |"]
+    for part in parts:
+        a, b = (parts_s[m].get(part, 0.0) for m in ("tp", "phantom"))
+        rows.append(f"| - of which {part} | {fmt(a)} | {fmt(b)} | {f'{b / a:.4f}' if a else '-'} |")
     return rows
+
+
+def _prediction_rows(pred: dict) -> list[str]:
+    return _time_rows("predicted step time (calibrated here)", pred["predicted_step_time_s"], pred["ratio"],
+                      pred["parts_s"], ("gemm", "pointwise", "optimizer", "collective", "wait", "framework"),
+                      lambda s: f"{s * 1e3:.1f} ms")
 
 
 def _time(s: float) -> str:
@@ -166,14 +170,9 @@ def _time(s: float) -> str:
 
 
 def _extrapolation_rows(ext: dict) -> list[str]:
-    t, info = ext["extrapolated_step_time_s"], ext["extrapolation"]
-    rows = [f"| step time extrapolated ({info['device']} datasheet, not measured) | {_time(t['tp'])} | "
-            f"{_time(t['phantom'])} | {ext['extrapolated_ratio']:.4f} |"]
-    for part in ("gemm", "pointwise", "optimizer", "collective", "wait"):
-        a, b = (ext["extrapolated_parts_s"][m].get(part, 0.0) for m in ("tp", "phantom"))
-        ratio = f"{b / a:.4f}" if a else "-"
-        rows.append(f"| - of which {part} | {_time(a)} | {_time(b)} | {ratio} |")
-    return rows
+    return _time_rows(f"step time extrapolated ({ext['extrapolation']['device']} datasheet, not measured)",
+                      ext["extrapolated_step_time_s"], ext["extrapolated_ratio"], ext["extrapolated_parts_s"],
+                      ("gemm", "pointwise", "optimizer", "collective", "wait"), _time)
 
 
 def _extrapolation_note(ext: dict) -> str:
@@ -275,8 +274,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             bound_cores(a.ranks, default_threads(a.ranks))
         except ValueError as e:
             ap.error(f"--bind-cores: {e}")
-    pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation,
-                                  bind_cores=a.bind_cores) if a.calibrate else None)
     ext = None
     if a.datasheet:
         try:
@@ -287,6 +284,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               gpus_per_node=a.gpus_per_node)
         except ValueError as e:
             ap.error(str(e))
+    # arithmetic first, so that a refusal comes before the ranks start
+    pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation,
+                                  bind_cores=a.bind_cores) if a.calibrate else None)
     hint = k_time_to_loss_hint(a.width, a.ranks, ghosts) if a.ranks > 1 else None
     if a.json:
         out = plan_dict(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, pred)

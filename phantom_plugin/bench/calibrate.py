@@ -135,6 +135,17 @@ def _collective_fn(t: timing.Collective, dtype, device, group, async_op: bool = 
     return lambda: dist.all_reduce(x, group=group, async_op=async_op)
 
 
+def _compute_fn(t, dt, device):
+    """A GEMM, pointwise or optimizer term as a call."""
+    if isinstance(t, timing.Gemm):
+        return _gemm_fn(t, dt, device)
+    if isinstance(t, timing.Pointwise):
+        return _pointwise_fn(t, dt, device)
+    if isinstance(t, timing.Optimizer):
+        return _optimizer_fn(t, dt, device)
+    raise TypeError(f"not a timed term: {t!r}")
+
+
 def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
     """Seconds of one term on this rank: collectives from their op's fit, the rest the median of
     ``reps`` timings (all ranks time it at once)."""
@@ -144,14 +155,7 @@ def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
         return _framework_time(t, dt, device, group, reps, fits)
     if isinstance(t, timing.Wait):
         return _wait_time(t, dt, device, group, reps, fits)
-    if isinstance(t, timing.Gemm):
-        fn = _gemm_fn(t, dt, device)
-    elif isinstance(t, timing.Pointwise):
-        fn = _pointwise_fn(t, dt, device)
-    elif isinstance(t, timing.Optimizer):
-        fn = _optimizer_fn(t, dt, device)
-    else:
-        raise TypeError(f"not a timed term: {t!r}")
+    fn = _compute_fn(t, dt, device)
     grad = isinstance(t, timing.Pointwise) and t.kind == "act"
     with torch.set_grad_enabled(grad):
         return _median_time(fn, device, group, reps)
@@ -293,8 +297,8 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
     one-value all-gather), ``bandwidth_bytes_per_s`` (of the fit of the largest message's op) and
     ``fits`` (per op: ``alpha_s``, ``beta_s_per_byte``, the sizes timed and their medians).
     ``chains``: ``{name: [Gemm, ...]}`` (:func:`phantom_plugin.timing.gemm_chain`), each timed as
-    one chain; the third value is ``{name: seconds}``. ``after_chain``: ``{term: name}``, terms
-    timed one call at a time right after chain ``name`` (:func:`_after_time`; the optimizer)."""
+    one chain; the third value is ``{name: seconds}``. ``after_chain``: ``{term: name}``, compute
+    terms timed one call at a time right after chain ``name`` (:func:`_after_time`; the optimizer)."""
     quiet_third_party()
     group = dist.group.WORLD
     device = comm.collective_device(group)   # the launcher set each NCCL rank's device
@@ -309,7 +313,7 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
     names = sorted(chains or {})
     chain_fns = {name: _chain_fn(chains[name], dt, device) for name in names}
     after_chain = after_chain or {}
-    out = [_after_time(_optimizer_fn(t, dt, device), chain_fns[after_chain[t]], device, group, reps)
+    out = [_after_time(_compute_fn(t, dt, device), chain_fns[after_chain[t]], device, group, reps)
            if t in after_chain else _term_time(t, dt, device, group, reps, link_fits) for t in terms]
     out += [_median_time(chain_fns[name], device, group, reps) for name in names]
     comm.COUNTER.reset()
