@@ -30,6 +30,8 @@ timeout 120 "$PY" benchmarks/gpu_smoke.py --out "$OUT_DIR"
 smoke=$?
 timeout 330 "$PY" benchmarks/gpu_layer_check.py --out "$OUT_DIR" --budget-s 270 "$@"
 layer=$?
+# Where one phantom rank's step spends its time (host vs device): a profiler table per shape.
+timeout 60 "$PY" benchmarks/gpu_profile.py --out "$OUT_DIR" || layer=$?
 # Forward only across GPUs (NCCL): phantom-bench --inference needs 2 GPUs; on one GPU the
 # forward-only per-rank table of gpu_layer_check.md stands in for it.
 bench=0

@@ -98,6 +98,9 @@ def main() -> int:
             "StaticInferenceEngine (dynamic engine under the hood)"
         try:
             got = engine_tokens(model, legacy, args.tokens)
+        except ModuleNotFoundError as e:  # an optional kernel package the engine needs (flash_attn)
+            print(f"{name}: SKIPPED: {e} (megatron's engine needs it; not a phantom failure)")
+            continue
         except Exception as e:  # report and go on to the other engine; the exit code says it failed
             print(f"{name}: FAILED: {type(e).__name__}: {e}")
             failed = True
