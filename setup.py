@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 from setuptools.command.develop import develop
 
-# The import hook (phantom_plugin_autoload.py, a top-level module that imports no torch) is
+# The import hook (phantom_plugin.integrations.deepspeed_autoload.py, a top-level module that imports no torch) is
 # activated at interpreter start by a .pth file at the root of site-packages. setuptools has no
 # option for that: the commands below put the file at the root of the wheel (`pip install .`),
 # of the editable wheel (`pip install -e .`) and of a legacy `setup.py develop` install.
@@ -50,8 +50,11 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["phantom_plugin", "phantom_plugin.*", "integrations", "integrations.*"]),
-    py_modules=["phantom_plugin_autoload"],
+    # integrations/ (entry points other people's programs load) stays at the repository's top level
+    # and installs as phantom_plugin.integrations.
+    packages=find_packages(include=["phantom_plugin", "phantom_plugin.*"])
+    + ["phantom_plugin.integrations", "phantom_plugin.integrations.megatron_lm"],
+    package_dir={"phantom_plugin.integrations": "integrations"},
     cmdclass=CMDCLASS,
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
@@ -64,7 +67,7 @@ setup(
         "dev": ["pytest>=7", "matplotlib", "ruff"],
     },
     entry_points={"console_scripts": [
-        "phantom-plan=phantom_plugin.plan:main",
-        "phantom-bench=phantom_plugin.bench.cli:main",
+        "phantom-plan=phantom_plugin.cli.plan:main",
+        "phantom-bench=phantom_plugin.cli.bench:main",
     ]},
 )

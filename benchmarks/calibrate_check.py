@@ -53,7 +53,7 @@ def _load() -> float:
 
 def _bench(pt: dict, steps: int, warmup: int, bind: list) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        _run([sys.executable, "-m", "phantom_plugin.bench.cli", *_args(pt), "--steps", str(steps),
+        _run([sys.executable, "-m", "phantom_plugin.cli.bench", *_args(pt), "--steps", str(steps),
               "--warmup", str(warmup), "--no-progress", "--out", out, *bind])
         with open(os.path.join(out, "results.json")) as f:
             return {r["mode"]: r["step_time_s"] for r in json.load(f)["runs"]}
@@ -61,7 +61,7 @@ def _bench(pt: dict, steps: int, warmup: int, bind: list) -> dict:
 
 def _fits_cores(ranks: int) -> bool:
     """Whether ``ranks`` ranks can be bound to cores here, as phantom-plan and phantom-bench decide it."""
-    from phantom_plugin.launch import bound_cores, default_threads
+    from phantom_plugin.bench.launch import bound_cores, default_threads
     try:
         bound_cores(ranks, default_threads(ranks))
     except ValueError:
@@ -76,7 +76,7 @@ def check_point(pt: dict, steps: int, warmup: int, repeats: int, bind_cores: boo
     rec = {**pt, "load_before": _load(), "calibrations": [], "benches": [], "bind_cores": bool(bind)}
     t0 = time.perf_counter()
     for _ in range(repeats):
-        plan = json.loads(_run([sys.executable, "-m", "phantom_plugin.plan", *_args(pt), "--calibrate", "--json",
+        plan = json.loads(_run([sys.executable, "-m", "phantom_plugin.cli.plan", *_args(pt), "--calibrate", "--json",
                                 *bind]))
         rec["calibrations"].append({"predicted_s": plan["predicted_step_time_s"], "parts_s": plan["parts_s"],
                                     "link": plan["link"], "load": _load()})

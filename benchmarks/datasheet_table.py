@@ -1,5 +1,5 @@
 """Phantom against TP on GPUs, **extrapolated from datasheet figures, not measured**
-(:mod:`phantom_plugin.datasheet`, the terms ``phantom-plan --calibrate`` measures priced at a
+(:mod:`phantom_plugin.modeling.datasheet`, the terms ``phantom-plan --calibrate`` measures priced at a
 card's published rates): step time per rank of a depth-``--depth`` FFN for each width and group
 size, at the shapes ``benchmarks/gpu_layer_check.py`` times on a card.
 
@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from phantom_plugin import datasheet  # noqa: E402
+from phantom_plugin.modeling import datasheet  # noqa: E402
 
 WIDTHS, RANKS = (8192, 16384, 32768), (8, 16, 32, 64)
 

@@ -36,7 +36,7 @@ timeout 60 "$PY" benchmarks/gpu_profile.py --out "$OUT_DIR" || layer=$?
 # forward-only per-rank table of gpu_layer_check.md stands in for it.
 bench=0
 if [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -ge 2 ]; then
-    timeout 90 "$PY" -m phantom_plugin.bench.cli --inference --width 8192 --depth 4 --ranks 2 --ghosts 64 \
+    timeout 90 "$PY" -m phantom_plugin.cli.bench --inference --width 8192 --depth 4 --ranks 2 --ghosts 64 \
         --batch 4096 --dtype bf16 --steps 30 --no-progress --out "$OUT_DIR/inference" || bench=$?
 else
     echo "SKIPPED: phantom-bench --inference across GPUs (needs 2 GPUs); forward-only per rank is in gpu_layer_check.md"

@@ -42,7 +42,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from phantom_plugin import comm, cost, energy, ops  # noqa: E402
+from phantom_plugin import comm, energy, ops  # noqa: E402
+from phantom_plugin.modeling import counts  # noqa: E402
 
 # Dense BF16 tensor-core peak without sparsity, NVIDIA datasheets (TFLOP/s).
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -58,8 +59,8 @@ def shape_table(widths=WIDTHS, ranks=RANKS, ghosts: int = 64, tokens: int = 8192
         for p in ranks:
             if n % p or n // p < ghosts:
                 continue
-            ph = cost.phantom_linear_cost(n, n, p=p, k=ghosts, batch=tokens, dtype_bytes=2, bias=False)
-            tp_pair = cost.tp_ffn_cost(n, 2, p=p, batch=tokens, dtype_bytes=2, bias=False)
+            ph = counts.phantom_linear_cost(n, n, p=p, k=ghosts, batch=tokens, dtype_bytes=2, bias=False)
+            tp_pair = counts.tp_ffn_cost(n, 2, p=p, batch=tokens, dtype_bytes=2, bias=False)
             rows.append({"n": n, "p": p, "k": ghosts, "tokens": tokens, "shard": n // p,
                          "phantom_macs": ph.macs, "tp_macs": tp_pair.macs // 2,
                          "phantom_bytes": ph.bytes_sent, "tp_bytes": tp_pair.bytes_sent // 2})

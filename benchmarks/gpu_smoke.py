@@ -143,7 +143,7 @@ def _gloo_rank(rank, world, device_str):
 
 
 def check_gloo_ranks(device) -> dict:
-    from phantom_plugin.launch import run_ranks
+    from phantom_plugin.bench.launch import run_ranks
     out = run_ranks(_gloo_rank, 2, str(device), timeout=300)
     return {"ranks": out, "same_seed": out[0]["seed_agreed"] == out[1]["seed_agreed"]}
 

@@ -37,7 +37,7 @@ from torch import nn
 from phantom_plugin import blocks as phantom_blocks
 from phantom_plugin import init
 from phantom_plugin.optim import factor_lr_mult
-from phantom_plugin.bench.runner import teacher_batch
+from phantom_plugin.bench.workload import teacher_batch
 
 
 class SimPhantomFFN(nn.Module):

@@ -3,7 +3,7 @@ cost for phantom at each ``k`` to reach the dense model's loss at a given step.
 
     python benchmarks/param_study_report.py benchmarks/results/param_study/*.json --out benchmarks/results/param_study
 
-Cost of a step: the cost model's MACs (``cost.phantom_ffn_cost`` / ``cost.tp_ffn_cost``), which the
+Cost of a step: the cost model's MACs (``counts.phantom_ffn_cost`` / ``counts.tp_ffn_cost``), which the
 E1 run shows tracks CPU-seconds per step (0.531 of TP's MACs, 0.534 of its CPU-seconds at k=32).
 "Reached" uses the running mean of 10 steps, as ``phantom-bench`` does. A warm-started run
 (``param_study.py --warm S0``) costs one TP step per dense step, then phantom's MACs per step.
@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 
-from phantom_plugin import cost
+from phantom_plugin.modeling import counts
 
 
 def smooth(losses, i, n=10):
@@ -106,8 +106,8 @@ def main():
                 runs.append(r)                          # deterministic: a repeated variant is identical
     md = ["| width | p | k | variant | loss @50 | @100 | @200 | @300 | MACs/TP |", "|" + "---|" * 9]
     for r in sorted(runs, key=lambda r: (r["width"], r["k"], r["label"])):
-        ratio = (cost.phantom_ffn_cost(r["width"], r["depth"], p=r["p"], k=r["k"], batch=r["batch"]).macs
-                 / cost.tp_ffn_cost(r["width"], r["depth"], p=r["p"], batch=r["batch"]).macs)
+        ratio = (counts.phantom_ffn_cost(r["width"], r["depth"], p=r["p"], k=r["k"], batch=r["batch"]).macs
+                 / counts.tp_ffn_cost(r["width"], r["depth"], p=r["p"], batch=r["batch"]).macs)
         r["mac_ratio"] = ratio
         cells = [f"{smooth(r['losses'], s - 1):.4f}" if s <= len(r["losses"]) else "-" for s in (50, 100, 200, 300)]
         md.append(f"| {r['width']} | {r['p']} | {r['k']} | {r['label']} | " + " | ".join(cells) + f" | {ratio:.3f} |")

@@ -20,7 +20,7 @@ def _rank(rank, ws, mode, width, depth, ghosts, batch):
     import torch
     import torch.distributed as dist
     from phantom_plugin.bench.probe import _ghost_exchange
-    from phantom_plugin.bench.runner import RunSpec, build_model, make_optimizer, teacher_batch
+    from phantom_plugin.bench.workload import RunSpec, build_model, make_optimizer, teacher_batch
     spec = RunSpec(mode=mode, width=width, depth=depth, ghost_dim=ghosts, batch=batch, steps=10)
     model = build_model(spec, dist.group.WORLD, torch.device("cpu"), torch.float32)
     opt = make_optimizer(model, 1e-3)
@@ -45,7 +45,7 @@ def _rank(rank, ws, mode, width, depth, ghosts, batch):
 
 
 def main() -> None:
-    from phantom_plugin.launch import default_threads, run_ranks
+    from phantom_plugin.bench.launch import default_threads, run_ranks
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in (("width", 2048), ("depth", 4), ("ghosts", 32), ("batch", 256), ("ranks", 2)):
         ap.add_argument(f"--{name}", type=int, default=default)

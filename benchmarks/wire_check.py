@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from phantom_plugin import COUNTER, PhantomFFN, comm
-from phantom_plugin.launch import run_ranks
+from phantom_plugin.bench.launch import run_ranks
 
 
 def _lo_tx() -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 
 from phantom_plugin.bench.report import demo_table
-from phantom_plugin.bench.runner import RunSpec, train_rank
-from phantom_plugin.launch import default_threads, run_ranks
+from phantom_plugin.bench.runner import train_rank
+from phantom_plugin.bench.workload import RunSpec
+from phantom_plugin.bench.launch import default_threads, run_ranks
 
 
 def main() -> None:

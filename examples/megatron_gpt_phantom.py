@@ -189,7 +189,7 @@ def main() -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
     args.tp = dist.get_world_size()
     from megatron.core import parallel_state
-    from phantom_plugin import cost
+    from phantom_plugin.modeling import counts
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=args.tp)
     if args.steps <= args.warmup:
         raise SystemExit(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
@@ -202,8 +202,8 @@ def main() -> None:
     results = [run(args, False, train, evals, device), run(args, True, train, evals, device)]
     if dist.get_rank() == 0:
         tokens, L = args.batch * args.seq, args.layers
-        tp_mlp = cost.tp_mlp_cost(args.hidden, args.ffn, p=args.tp, tokens=tokens).bytes_sent * L
-        ph_mlp = cost.phantom_mlp_cost(args.hidden, args.ffn, p=args.tp, k=args.ghost_dim, tokens=tokens).bytes_sent * L
+        tp_mlp = counts.tp_mlp_cost(args.hidden, args.ffn, p=args.tp, tokens=tokens).bytes_sent * L
+        ph_mlp = counts.phantom_mlp_cost(args.hidden, args.ffn, p=args.tp, k=args.ghost_dim, tokens=tokens).bytes_sent * L
         print(f"\nGPT: {L} layers, h={args.hidden}, ffn={args.ffn}, heads={args.heads}, seq={args.seq}, "
               f"batch={args.batch}, TP={args.tp}, {args.steps} steps, corpus {data.numel():,} stdlib bytes, "
               f"{'NCCL ' + torch.cuda.get_device_name() if gpu else 'gloo CPU'}")

@@ -36,7 +36,7 @@ _FIX = ("feed the ranks of one phantom group the same batch: shard data by data-
         "by global rank (DistributedSampler(num_replicas=<data-parallel size>, rank=<data-parallel "
         "rank>), e.g. from engine.mpu / phantom_plugin.deepspeed's mpu; DeepSpeed's training_data=; "
         "Hugging Face Trainer/Accelerate shard correctly once the plugin is installed or "
-        "phantom_plugin.deepspeed.register() was called), and seed every rank the same")
+        "phantom_plugin.integrations.deepspeed_autoload.register() was called), and seed every rank the same")
 
 
 def dense_parts(module: nn.Module) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor], bool]]:

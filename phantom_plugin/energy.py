@@ -18,7 +18,7 @@ a device that several ranks share once. Sources, tried in order (``ENERGY.md``):
   counts each host once.
 * otherwise ``energy_j = None`` with the ``reason``. Never an estimate in that field.
 
-A *modeled* energy (FLOPs and bytes from :mod:`phantom_plugin.cost` times stated per-FLOP and
+A *modeled* energy (FLOPs and bytes from :mod:`phantom_plugin.modeling.counts` times stated per-FLOP and
 per-byte energies of a named :class:`DevicePreset`) is a separate function whose results go in
 fields named ``*_modeled``.
 """

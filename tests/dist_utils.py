@@ -1,5 +1,5 @@
-"""Test helpers: spawn real gloo ranks on CPU (see :mod:`phantom_plugin.launch`), end a rank cleanly."""
-from phantom_plugin.launch import free_port, run_ranks  # noqa: F401
+"""Test helpers: spawn real gloo ranks on CPU (see :mod:`phantom_plugin.bench.launch`), end a rank cleanly."""
+from phantom_plugin.bench.launch import free_port, run_ranks  # noqa: F401
 
 
 def finish_rank(out_dir, result: dict) -> None:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from phantom_plugin.bench import cli, report
+from phantom_plugin.bench import report, runs
+from phantom_plugin.cli import bench as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIELDS = ["mode", "world_size", "width", "depth", "ghost_dim", "batch", "steps", "step_time_s",
@@ -53,9 +54,9 @@ def test_markdown_and_plots_written(bench_out):
 
 def test_grid_arguments():
     args = cli.parse_args(["--width", "64,128", "--ranks", "2,4", "--ghosts", "4,8", "--modes", "phantom"])
-    specs = cli.grid_specs(args)
+    specs = runs.grid_specs(args)
     assert len(specs) == 8 and {p for p, _ in specs} == {2, 4}
-    both = cli.grid_specs(cli.parse_args(["--ghosts", "4,8"]))
+    both = runs.grid_specs(cli.parse_args(["--ghosts", "4,8"]))
     assert [s.mode for _, s in both] == ["tp", "phantom", "phantom"]   # TP once per point
     with pytest.raises(SystemExit):
         cli.parse_args(["--modes", "dp"])

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from phantom_plugin import cost
-from phantom_plugin.bench import cli
+from phantom_plugin.modeling import counts
+from phantom_plugin.cli import bench as cli
 from phantom_plugin.bench.inference import percentile
 
 FIELDS = ["phase", "latency_p50_s", "latency_p99_s", "tokens_or_samples_per_s", "comm_bytes_per_step",
@@ -37,8 +37,8 @@ def test_both_phases_every_field_bytes_equal_the_forward_model(inference_out):
         assert "modeled" in r["energy_model"] and r["energy_j_modeled"] > 0
         if r["energy_j"] is None:
             assert r["energy_reason"] and r["energy_source"] == "none"
-        model = (cost.phantom_ffn_cost(48, depth, p=p, k=4, batch=r["batch"]) if r["mode"] == "phantom"
-                 else cost.tp_ffn_cost(48, depth, p=p, batch=r["batch"]))
+        model = (counts.phantom_ffn_cost(48, depth, p=p, k=4, batch=r["batch"]) if r["mode"] == "phantom"
+                 else counts.tp_ffn_cost(48, depth, p=p, batch=r["batch"]))
         assert r["comm_bytes_per_step_model"] == model.bytes_by("fwd")
         assert r["macs_per_step"] == model.macs_fwd
 
@@ -65,7 +65,7 @@ def test_percentile_and_argument_errors():
 def test_bench_screen_has_no_third_party_noise(tmp_path):
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "phantom_plugin.bench.cli", "--width", "32", "--depth", "2",
+    proc = subprocess.run([sys.executable, "-m", "phantom_plugin.cli.bench", "--width", "32", "--depth", "2",
                            "--ranks", "2", "--ghosts", "4", "--batch", "4", "--steps", "7", "--warmup", "2",
                            "--no-progress", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

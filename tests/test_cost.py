@@ -1,13 +1,13 @@
 """The cost model against PHANTOM_MATH.md's worked example, and the phantom-plan CLI."""
 import pytest
 
-from phantom_plugin import cost
-from phantom_plugin.plan import main as plan_main
+from phantom_plugin.modeling import counts
+from phantom_plugin.cli.plan import main as plan_main
 
 
 def test_paper_example_ratios():
     n, p, k = 8192, 8, 64
-    ph = cost.phantom_linear_cost(n, n, p=p, k=k, batch=1, bias=False)
+    ph = counts.phantom_linear_cost(n, n, p=p, k=k, batch=1, bias=False)
     tp_macs, tp_params = n // p * n, n * n
     assert ph.macs_fwd / tp_macs == 0.1875
     assert ph.params / tp_params == 0.1875
@@ -18,14 +18,14 @@ def test_paper_example_ratios():
 
 
 def test_p1_is_dense_and_silent():
-    c = cost.phantom_linear_cost(64, 32, p=1, k=8, batch=3, bias=True)
+    c = counts.phantom_linear_cost(64, 32, p=1, k=8, batch=3, bias=True)
     assert c.messages == () and c.macs_fwd == 3 * 64 * 32 and c.params == 64 * 32 + 32
 
 
 def test_mlp_traffic_ratio_matches_the_formula():
     h, f, p, k, t = 4096, 16384, 8, 16, 10
-    ph = cost.phantom_mlp_cost(h, f, p=p, k=k, tokens=t)
-    tp = cost.tp_mlp_cost(h, f, p=p, tokens=t)
+    ph = counts.phantom_mlp_cost(h, f, p=p, k=k, tokens=t)
+    tp = counts.tp_mlp_cost(h, f, p=p, tokens=t)
     values_ph = sum(m.values for m in ph.messages)
     values_tp = sum(m.values for m in tp.messages)
     # PHANTOM_MATH.md: (2h + 4pk) / (4h) of TP's traffic, counting an all-reduce as two all-gathers
@@ -33,16 +33,16 @@ def test_mlp_traffic_ratio_matches_the_formula():
 
 
 def test_suggest_ghost_dim_respects_budgets():
-    k = cost.suggest_ghost_dim(2048, 4, p=8, param_budget=0.25)
-    assert cost.phantom_ffn_cost(2048, 4, p=8, k=k, batch=1).params <= 0.25 * cost.tp_ffn_cost(2048, 4, p=8, batch=1).params
-    assert cost.phantom_ffn_cost(2048, 4, p=8, k=k + 1, batch=1).params > 0.25 * cost.tp_ffn_cost(2048, 4, p=8, batch=1).params
+    k = counts.suggest_ghost_dim(2048, 4, p=8, param_budget=0.25)
+    assert counts.phantom_ffn_cost(2048, 4, p=8, k=k, batch=1).params <= 0.25 * counts.tp_ffn_cost(2048, 4, p=8, batch=1).params
+    assert counts.phantom_ffn_cost(2048, 4, p=8, k=k + 1, batch=1).params > 0.25 * counts.tp_ffn_cost(2048, 4, p=8, batch=1).params
     with pytest.raises(ValueError, match="raise the budget"):
-        cost.suggest_ghost_dim(2048, 4, p=2, param_budget=0.1)
+        counts.suggest_ghost_dim(2048, 4, p=2, param_budget=0.1)
     # rounded down to a multiple when one fits (127 -> 120), the largest k otherwise
-    assert cost.suggest_ghost_dim(2048, 4, p=4, param_budget=0.5) == 127
-    assert cost.suggest_ghost_dim(2048, 4, p=4, param_budget=0.5, multiple_of=8) == 120
-    small = cost.suggest_ghost_dim(64, 2, p=4, param_budget=0.4)
-    assert small == 2 and cost.suggest_ghost_dim(64, 2, p=4, param_budget=0.4, multiple_of=8) == small
+    assert counts.suggest_ghost_dim(2048, 4, p=4, param_budget=0.5) == 127
+    assert counts.suggest_ghost_dim(2048, 4, p=4, param_budget=0.5, multiple_of=8) == 120
+    small = counts.suggest_ghost_dim(64, 2, p=4, param_budget=0.4)
+    assert small == 2 and counts.suggest_ghost_dim(64, 2, p=4, param_budget=0.4, multiple_of=8) == small
 
 
 def test_phantom_plan_cli(capsys):
@@ -62,7 +62,7 @@ def test_phantom_plan_cli(capsys):
 
 def test_phantom_plan_time_to_loss_hint(capsys):
     import json
-    from phantom_plugin.plan import k_time_to_loss_hint
+    from phantom_plugin.cli.plan import k_time_to_loss_hint
     # (n/p)/8 and (n/p)/4, placed against the k in use
     for width, ranks, ghosts, want in ((1024, 2, 32, "below"), (1024, 2, 64, "inside"), (1024, 2, 128, "inside"),
                                        (1024, 2, 256, "above"), (8192, 8, 200, "inside"), (16, 2, 1, "inside")):

@@ -1,49 +1,50 @@
 """``phantom-plan --datasheet``: the step-time model's terms priced at a GPU's datasheet rates
-(:mod:`phantom_plugin.datasheet`), checked term by term against hand-computed figures and
+(:mod:`phantom_plugin.modeling.datasheet`), checked term by term against hand-computed figures and
 against the cost model's bytes. Pure arithmetic: no ranks, no GPU."""
 import json
 
 import pytest
 
-from phantom_plugin import cost, datasheet, plan, timing
+from phantom_plugin.cli import plan
+from phantom_plugin.modeling import counts, datasheet, step_model
 
 H100 = datasheet.SHEETS["h100-sxm"]
 LINK = datasheet.Link(bytes_per_s=100e9, latency_s=5e-6, words="test link")
 
 
 def test_gemm_roofline():
-    big = timing.Gemm(4096, 4096, 4096)                  # compute-bound at any sane rate
+    big = step_model.Gemm(4096, 4096, 4096)                  # compute-bound at any sane rate
     assert datasheet.term_seconds(big, H100, "bf16", LINK) == pytest.approx(2 * 4096 ** 3 / 989.4e12)
     assert datasheet.term_seconds(big, H100, "bf16", LINK, efficiency=0.5) == pytest.approx(2 * 2 * 4096 ** 3 / 989.4e12)
     assert datasheet.term_seconds(big, H100, "fp32", LINK) == pytest.approx(2 * 4096 ** 3 / 67e12)
-    narrow = timing.Gemm(8192, 8192, 16, b_t=True)        # x C^T with k = 16: bound by memory
+    narrow = step_model.Gemm(8192, 8192, 16, b_t=True)        # x C^T with k = 16: bound by memory
     moved = (8192 * 8192 + 8192 * 16 + 8192 * 16) * 2
     assert datasheet.term_seconds(narrow, H100, "bf16", LINK) == pytest.approx(moved / 3.35e12)
     assert moved / 3.35e12 > 2 * narrow.macs / 989.4e12
 
 
 def test_memory_terms_and_collectives():
-    t = timing.Pointwise("act", 100, 30)
+    t = step_model.Pointwise("act", 100, 30)
     assert datasheet.term_seconds(t, H100, "bf16", LINK) == pytest.approx(5 * 3000 * 2 / 3.35e12)
-    assert datasheet.term_seconds(timing.Pointwise("bias_grad", 100, 30), H100, "fp32", LINK) == \
+    assert datasheet.term_seconds(step_model.Pointwise("bias_grad", 100, 30), H100, "fp32", LINK) == \
         pytest.approx(3000 * 4 / 3.35e12)
-    assert datasheet.term_seconds(timing.Optimizer(1000), H100, "fp32", LINK) == pytest.approx(7 * 4000 / 3.35e12)
-    c = timing.Collective("all_gather", 800, 8, 700)
+    assert datasheet.term_seconds(step_model.Optimizer(1000), H100, "fp32", LINK) == pytest.approx(7 * 4000 / 3.35e12)
+    c = step_model.Collective("all_gather", 800, 8, 700)
     assert datasheet.term_seconds(c, H100, "bf16", LINK) == pytest.approx(5e-6 + 700 / 100e9)
-    assert datasheet.term_seconds(timing.Framework("tp", 2, 8), H100, "bf16", LINK) == 0.0
+    assert datasheet.term_seconds(step_model.Framework("tp", 2, 8), H100, "bf16", LINK) == 0.0
     with pytest.raises(TypeError, match="not a timing term"):
         datasheet.term_seconds("gemm", H100, "bf16", LINK)
 
 
 def test_waits_hide_async_collectives_under_their_gemms():
-    coll = timing.Collective("reduce_scatter", 8 * 4096, 8, 7 * 4096 * 2)
-    sync = timing.Wait(timing.Gemm(64, 64, 64), 1, coll)
+    coll = step_model.Collective("reduce_scatter", 8 * 4096, 8, 7 * 4096 * 2)
+    sync = step_model.Wait(step_model.Gemm(64, 64, 64), 1, coll)
     assert datasheet.term_seconds(sync, H100, "bf16", LINK) == 0.0
-    long_gemm = timing.Gemm(8192, 8192, 8192)             # far longer than the collective: hides all of it
-    hidden = timing.Wait(timing.Gemm(64, 64, 64), 1, coll, (long_gemm,))
+    long_gemm = step_model.Gemm(8192, 8192, 8192)             # far longer than the collective: hides all of it
+    hidden = step_model.Wait(step_model.Gemm(64, 64, 64), 1, coll, (long_gemm,))
     assert datasheet.term_seconds(hidden, H100, "bf16", LINK) == pytest.approx(-LINK.seconds(coll.bytes_sent))
-    short = timing.Gemm(16, 16, 16)                       # shorter: hides only its own time
-    part = timing.Wait(timing.Gemm(64, 64, 64), 1, coll, (short, short))
+    short = step_model.Gemm(16, 16, 16)                       # shorter: hides only its own time
+    part = step_model.Wait(step_model.Gemm(64, 64, 64), 1, coll, (short, short))
     assert datasheet.term_seconds(part, H100, "bf16", LINK) == pytest.approx(
         -2 * datasheet.term_seconds(short, H100, "bf16", LINK))
 
@@ -54,8 +55,8 @@ def test_extrapolate_sums_the_terms(ranks, k):
     ext = datasheet.extrapolate(n, depth, ranks, k, batch, "bf16", "h100-sxm")
     assert ext["extrapolation"]["label"] == "extrapolated from datasheet figures, not measured"
     link = datasheet.link_for(H100, ranks)
-    for mode, c in (("tp", cost.tp_ffn_cost(n, depth, p=ranks, batch=batch, dtype_bytes=2)),
-                    ("phantom", cost.phantom_ffn_cost(n, depth, p=ranks, k=k, batch=batch, dtype_bytes=2))):
+    for mode, c in (("tp", counts.tp_ffn_cost(n, depth, p=ranks, batch=batch, dtype_bytes=2)),
+                    ("phantom", counts.phantom_ffn_cost(n, depth, p=ranks, k=k, batch=batch, dtype_bytes=2))):
         parts = ext["extrapolated_parts_s"][mode]
         # the collectives carry exactly the cost model's bytes, over the stated link
         assert parts["collective"] == pytest.approx(len(c.messages) * link.latency_s + c.bytes_sent / link.bytes_per_s)

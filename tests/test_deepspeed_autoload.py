@@ -55,7 +55,8 @@ def test_site_hook_is_light_and_wraps_on_import():
 
 def test_env_off_then_register_and_unregister():
     r = _py(_PROBE + """
-import phantom_plugin.deepspeed as pd
+import phantom_plugin.deepspeed
+import phantom_plugin.integrations.deepspeed_autoload as pd
 res["phantom_import_keeps_off"] = getattr(deepspeed.initialize, "_phantom_plugin_wrapper", False)
 pd.register(); pd.register()
 res["registered"] = (getattr(deepspeed.initialize, "_phantom_plugin_wrapper", False),
@@ -75,7 +76,7 @@ print(json.dumps(res))""", env={"PHANTOM_PLUGIN_AUTOLOAD": "0"})
 def test_plain_install_drops_the_pth_into_site_packages(tmp_path):
     src, target = tmp_path / "src", tmp_path / "site"
     src.mkdir()
-    for name in ("setup.py", "README.md", "phantom_plugin_autoload.py", "phantom_plugin_autoload.pth"):
+    for name in ("setup.py", "README.md", "phantom_plugin_autoload.pth"):
         shutil.copy(ROOT / name, src / name)
     for pkg in ("phantom_plugin", "integrations"):
         shutil.copytree(ROOT / pkg, src / pkg, ignore=shutil.ignore_patterns("__pycache__"))
@@ -83,14 +84,17 @@ def test_plain_install_drops_the_pth_into_site_packages(tmp_path):
                           "--no-build-isolation", "--target", str(target), str(src)],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (target / "phantom_plugin_autoload.pth").is_file() and (target / "phantom_plugin_autoload.py").is_file()
+    assert (target / "phantom_plugin_autoload.pth").is_file()
+    assert (target / "phantom_plugin" / "integrations" / "deepspeed_autoload.py").is_file()
+    assert (target / "phantom_plugin" / "integrations" / "megatron_lm" / "phantom_spec.py").is_file()
+    assert not (target / "integrations").exists()           # no top-level package of that name
     # -S: no site-packages at start; then the target as a site directory (its .pth files run),
     # then this virtualenv's site-packages for torch and deepspeed
     site_dir = sysconfig.get_paths()["purelib"]
     r = _py(f"""
 import json, site, sys
 site.addsitedir({str(target)!r})
-import phantom_plugin_autoload as m
+import phantom_plugin.integrations.deepspeed_autoload as m
 res = {{"module": m.__file__, "torch": "torch" in sys.modules,
         "hook": any(type(f).__name__ == "PhantomImportHook" for f in sys.meta_path)}}
 site.addsitedir({site_dir!r})
@@ -107,8 +111,9 @@ def test_wrapper_routes_only_configs_with_the_section(tmp_path, monkeypatch):
     plugin's validation through plain ``deepspeed.initialize``; no section reaches DeepSpeed."""
     import deepspeed
     import torch.distributed as dist
-    import phantom_plugin_autoload as hook
-    from phantom_plugin.deepspeed import PhantomConfigError, register
+    import phantom_plugin.integrations.deepspeed_autoload as hook
+    from phantom_plugin.deepspeed import PhantomConfigError
+    from phantom_plugin.integrations.deepspeed_autoload import register
     register()                 # what the site hook did at start (unless PHANTOM_PLUGIN_AUTOLOAD=0)
     assert getattr(deepspeed.initialize, "_phantom_plugin_wrapper", False)
     monkeypatch.setenv("WORLD_SIZE", "2")

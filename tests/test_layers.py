@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from phantom_plugin import COUNTER, PhantomFFN, PhantomLinear, cost, init
+from phantom_plugin import COUNTER, PhantomFFN, PhantomLinear, init
+from phantom_plugin.modeling import counts
 from phantom_plugin.blocks import dense_from_blocks
 
 N_IN, N_OUT = 12, 24       # divisible by 1..4, in != out
@@ -168,7 +169,7 @@ def _check_ffn(rank, p, width, depth, k, batch):
         if l < depth - 1:
             h = torch.nn.functional.gelu(h)
     torch.testing.assert_close(y, h, rtol=0, atol=1e-10)       # output replicated on every rank
-    model = cost.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=8)
+    model = counts.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=8)
     assert sum(r.sent_bytes for r in records) == model.bytes_sent
     assert sorted((r.op, r.sent_bytes) for r in records) == sorted((m.op, m.bytes_sent) for m in model.messages)
     ghost = [r for r in records if r.tag.startswith("ghosts")]

@@ -190,7 +190,7 @@ def test_te_flavour_without_te_is_a_clear_error():
 
 
 def test_megatron_lm_spec_module(monkeypatch):
-    name = "integrations.megatron_lm.phantom_spec"
+    name = "phantom_plugin.integrations.megatron_lm.phantom_spec"
     monkeypatch.delenv("PHANTOM_GHOST_DIM", raising=False)
     sys.modules.pop(name, None)
     with pytest.raises(RuntimeError, match="set PHANTOM_GHOST_DIM"):

@@ -8,7 +8,7 @@ from torch import nn
 
 from dist_utils import run_ranks
 from phantom_plugin import PhantomFFN, param_groups
-from phantom_plugin.bench.runner import make_optimizer
+from phantom_plugin.bench.workload import make_optimizer
 from phantom_plugin.optim import KINDS, factor_lr_mult
 
 WIDTH, K = 16, 2

@@ -5,7 +5,8 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from phantom_plugin import COUNTER, comm, cost, init
+from phantom_plugin import COUNTER, comm, init
+from phantom_plugin.modeling import counts
 
 pytest.importorskip("megatron.core")
 
@@ -37,7 +38,7 @@ def _check_tp(rank, p, depth):
             wg, bg = w.grad[:, rank * m:(rank + 1) * m], b.grad
         torch.testing.assert_close(layer.weight.grad, wg, rtol=0, atol=1e-10)
         torch.testing.assert_close(layer.bias.grad, bg, rtol=0, atol=1e-10)
-    model_cost = cost.tp_ffn_cost(width, depth, p=p, batch=batch, dtype_bytes=8)
+    model_cost = counts.tp_ffn_cost(width, depth, p=p, batch=batch, dtype_bytes=8)
     assert sorted((r.op, r.sent_bytes) for r in COUNTER.records) == \
         sorted((m.op, m.bytes_sent) for m in model_cost.messages)
     return True

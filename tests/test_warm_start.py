@@ -21,7 +21,7 @@ from torch import nn
 
 from dist_utils import run_ranks
 from phantom_plugin import init, param_groups
-from phantom_plugin.bench.runner import teacher_batch
+from phantom_plugin.bench.workload import teacher_batch
 from phantom_plugin.convert import convert_modules
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))

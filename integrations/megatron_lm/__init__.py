@@ -1,1 +1,1 @@
-"""Megatron-LM entry points: ``--spec integrations.megatron_lm.phantom_spec phantom_layer_spec``."""
+"""Megatron-LM entry points: ``--spec phantom_plugin.integrations.megatron_lm.phantom_spec phantom_layer_spec``."""

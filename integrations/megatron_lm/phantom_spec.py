@@ -26,27 +26,27 @@ from megatron.core.models.gpt import gpt_layer_specs as _specs
 try:
     from phantom_plugin.megatron import get_gpt_layer_phantom_spec
 except ImportError as e:   # e.g. megatron-core older than supported: megatron would swallow ImportError
-    raise RuntimeError(f"integrations.megatron_lm.phantom_spec: {e}") from e
+    raise RuntimeError(f"phantom_plugin.integrations.megatron_lm.phantom_spec: {e}") from e
 
 
 def _env_int(name: str, default=None) -> int:
     raw = os.environ.get(name)
     if raw is None:
         if default is None:
-            raise RuntimeError(f"integrations.megatron_lm.phantom_spec: set {name}, e.g. "
+            raise RuntimeError(f"phantom_plugin.integrations.megatron_lm.phantom_spec: set {name}, e.g. "
                                f"`{name}=64 torchrun ... pretrain_gpt.py --spec "
-                               "integrations.megatron_lm.phantom_spec phantom_layer_spec`")
+                               "phantom_plugin.integrations.megatron_lm.phantom_spec phantom_layer_spec`")
         return default
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"integrations.megatron_lm.phantom_spec: {name}={raw!r} is not an integer") from None
+        raise RuntimeError(f"phantom_plugin.integrations.megatron_lm.phantom_spec: {name}={raw!r} is not an integer") from None
 
 
 GHOST_DIM = _env_int("PHANTOM_GHOST_DIM")
 SEED = _env_int("PHANTOM_SEED", 0)
 if GHOST_DIM < 1:
-    raise RuntimeError(f"integrations.megatron_lm.phantom_spec: PHANTOM_GHOST_DIM={GHOST_DIM} must be >= 1")
+    raise RuntimeError(f"phantom_plugin.integrations.megatron_lm.phantom_spec: PHANTOM_GHOST_DIM={GHOST_DIM} must be >= 1")
 
 phantom_layer_spec = get_gpt_layer_phantom_spec(ghost_dim=GHOST_DIM, seed=SEED)
 phantom_rmsnorm_layer_spec = get_gpt_layer_phantom_spec(ghost_dim=GHOST_DIM, seed=SEED,

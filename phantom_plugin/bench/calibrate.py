@@ -1,4 +1,4 @@
-"""Measure the terms of :mod:`phantom_plugin.timing` on the ranks that will run the model
+"""Measure the terms of :mod:`phantom_plugin.modeling.step_model` on the ranks that will run the model
 (``phantom-plan --calibrate``): every distinct GEMM shape, pointwise pass and optimizer step of a
 TP and a phantom training step, each timed by all ranks at once in windows of back-to-back calls
 (as a step runs them, sharing the cores), the median of a few windows after a warm-up.
@@ -6,8 +6,8 @@ TP and a phantom training step, each timed by all ranks at once in windows of ba
 Collectives: each op the plan uses (the plugin's own :mod:`phantom_plugin.comm` calls, the gloo
 all-to-all reduce-scatter included; ``torch.distributed.all_reduce`` for megatron's) is timed at a
 ladder of sizes up to its largest message and at the plan's sizes, back to back, the sizes in
-turn within each repetition, and fitted as ``alpha + beta * bytes`` (:func:`timing.fit_alpha_beta`);
-each collective's time is its fit's. :class:`timing.Wait` is what the same collective costs more
+turn within each repetition, and fitted as ``alpha + beta * bytes`` (:func:`step_model.fit_alpha_beta`);
+each collective's time is its fit's. :class:`step_model.Wait` is what the same collective costs more
 right after a step's worth of compute. The fits are reported (``link``). These collectives are
 instrumentation, not counted.
 """
@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import comm, timing
-from .runner import _DTYPES, quiet_third_party, sync
+from .. import comm
+from ..modeling import step_model
+from .workload import _DTYPES, quiet_third_party, sync
 
 __all__ = ["calibrate_rank"]
 
@@ -80,7 +81,7 @@ def _median_time(fn, device, group, reps: int, warmup: int = 2, min_s: float = 0
     return statistics.median(_window(fn, calls, device, group) for _ in range(reps))
 
 
-def _gemm_fn(t: timing.Gemm, dtype, device):
+def _gemm_fn(t: step_model.Gemm, dtype, device):
     a = torch.randn(t.k, t.m, dtype=dtype, device=device).t() if t.a_t else \
         torch.randn(t.m, t.k, dtype=dtype, device=device)
     b = torch.randn(t.n, t.k, dtype=dtype, device=device).t() if t.b_t else \
@@ -88,7 +89,7 @@ def _gemm_fn(t: timing.Gemm, dtype, device):
     return lambda: a @ b
 
 
-def _pointwise_fn(t: timing.Pointwise, dtype, device):
+def _pointwise_fn(t: step_model.Pointwise, dtype, device):
     h = torch.randn(t.rows, t.cols, dtype=dtype, device=device)
     g = torch.randn_like(h)
     if t.kind == "bias_grad":
@@ -113,7 +114,7 @@ def _pointwise_fn(t: timing.Pointwise, dtype, device):
     return act_fwd_bwd
 
 
-def _optimizer_fn(t: timing.Optimizer, dtype, device):
+def _optimizer_fn(t: step_model.Optimizer, dtype, device):
     w = torch.nn.Parameter(torch.randn(t.numel, dtype=dtype, device=device))
     w.grad = torch.randn_like(w)
     try:
@@ -123,7 +124,7 @@ def _optimizer_fn(t: timing.Optimizer, dtype, device):
     return opt.step
 
 
-def _collective_fn(t: timing.Collective, dtype, device, group, async_op: bool = False):
+def _collective_fn(t: step_model.Collective, dtype, device, group, async_op: bool = False):
     """``t`` as a call; ``async_op``: the call launches it and returns what to ``wait()`` on."""
     if t.op == "all_gather":
         x = torch.randn(t.values // t.p, dtype=dtype, device=device)
@@ -137,11 +138,11 @@ def _collective_fn(t: timing.Collective, dtype, device, group, async_op: bool = 
 
 def _compute_fn(t, dt, device):
     """A GEMM, pointwise or optimizer term as a call."""
-    if isinstance(t, timing.Gemm):
+    if isinstance(t, step_model.Gemm):
         return _gemm_fn(t, dt, device)
-    if isinstance(t, timing.Pointwise):
+    if isinstance(t, step_model.Pointwise):
         return _pointwise_fn(t, dt, device)
-    if isinstance(t, timing.Optimizer):
+    if isinstance(t, step_model.Optimizer):
         return _optimizer_fn(t, dt, device)
     raise TypeError(f"not a timed term: {t!r}")
 
@@ -149,19 +150,19 @@ def _compute_fn(t, dt, device):
 def _term_time(t, dt, device, group, reps: int, fits: dict) -> float:
     """Seconds of one term on this rank: collectives from their op's fit, the rest the median of
     ``reps`` timings (all ranks time it at once)."""
-    if isinstance(t, timing.Collective):
+    if isinstance(t, step_model.Collective):
         return fits[t.op].seconds(t.bytes_sent)
-    if isinstance(t, timing.Framework):
+    if isinstance(t, step_model.Framework):
         return _framework_time(t, dt, device, group, reps, fits)
-    if isinstance(t, timing.Wait):
+    if isinstance(t, step_model.Wait):
         return _wait_time(t, dt, device, group, reps, fits)
     fn = _compute_fn(t, dt, device)
-    grad = isinstance(t, timing.Pointwise) and t.kind == "act"
+    grad = isinstance(t, step_model.Pointwise) and t.kind == "act"
     with torch.set_grad_enabled(grad):
         return _median_time(fn, device, group, reps)
 
 
-def _wait_time(t: timing.Wait, dt, device, group, reps: int, fits: dict) -> float:
+def _wait_time(t: step_model.Wait, dt, device, group, reps: int, fits: dict) -> float:
     """What ``t.coll`` costs in a step beyond its fit. Each of ``reps`` repetitions runs a window of
     ``WAIT_CALLS`` rounds of (``t.calls`` GEMMs, the collective launched, ``t.overlap`` GEMMs, its
     wait), every rank timing each round, and a window of as many rounds' GEMMs back to back, as
@@ -214,19 +215,19 @@ def _wait_time(t: timing.Wait, dt, device, group, reps: int, fits: dict) -> floa
     return slowest - counted - fits[t.coll.op].seconds(t.coll.bytes_sent)
 
 
-def _tiny_terms(t: timing.Framework) -> dict:
+def _tiny_terms(t: step_model.Framework) -> dict:
     """The tiny step's own terms, less its Wait: with next to no compute between its collectives,
     what its ranks lose meeting is the framework's (and timing it would only add noise)."""
-    width, batch = timing.TINY_WIDTH_PER_RANK * t.p, timing.TINY_BATCH
-    terms = timing.step_terms(t.mode, width, t.depth, p=t.p, batch=batch, k=1, framework=False)
-    return {term: c for term, c in terms.items() if not isinstance(term, timing.Wait)}
+    width, batch = step_model.TINY_WIDTH_PER_RANK * t.p, step_model.TINY_BATCH
+    terms = step_model.step_terms(t.mode, width, t.depth, p=t.p, batch=batch, k=1, framework=False)
+    return {term: c for term, c in terms.items() if not isinstance(term, step_model.Wait)}
 
 
-def _framework_time(t: timing.Framework, dt, device, group, reps: int, fits: dict) -> float:
+def _framework_time(t: step_model.Framework, dt, device, group, reps: int, fits: dict) -> float:
     """A tiny real training step of ``t.mode`` less the sum of its own terms: of either sign (a
     negative one says the tiny step's collectives cost less in the step than their fits)."""
-    from .runner import RunSpec, build_model, make_optimizer, teacher_batch, train_step
-    width, batch = timing.TINY_WIDTH_PER_RANK * t.p, timing.TINY_BATCH
+    from .workload import RunSpec, build_model, make_optimizer, teacher_batch, train_step
+    width, batch = step_model.TINY_WIDTH_PER_RANK * t.p, step_model.TINY_BATCH
     spec = RunSpec(mode=t.mode, width=width, depth=t.depth, ghost_dim=1, batch=batch, steps=2, warmup=1)
     model = build_model(spec, group, device, dt)
     opt = make_optimizer(model, 1e-6)
@@ -239,17 +240,17 @@ def _framework_time(t: timing.Framework, dt, device, group, reps: int, fits: dic
 
 
 def _fit_links(colls: list, dt, device, group, reps: int) -> dict:
-    """One :class:`timing.LinkFit` per op in ``colls``: each op timed at the sizes of
-    :func:`timing.ladder` up to its largest message and at every size of ``colls``, the sizes
+    """One :class:`step_model.LinkFit` per op in ``colls``: each op timed at the sizes of
+    :func:`step_model.ladder` up to its largest message and at every size of ``colls``, the sizes
     taken in turn within each repetition (so load that comes and goes hits them alike), each
     size's median the slowest rank's."""
     p = comm.group_size(group)
     elt = torch.empty((), dtype=dt).element_size()
     fits = {}
     for op in sorted({c.op for c in colls}):
-        sizes = sorted(set(timing.ladder(max(c.values for c in colls if c.op == op), p))
+        sizes = sorted(set(step_model.ladder(max(c.values for c in colls if c.op == op), p))
                        | {c.values for c in colls if c.op == op})
-        fns = [_collective_fn(timing.Collective(op, v, p, 0), dt, device, group) for v in sizes]
+        fns = [_collective_fn(step_model.Collective(op, v, p, 0), dt, device, group) for v in sizes]
         for fn in fns:
             fn()
         calls = [_calls(fn, device, group) for fn in fns]
@@ -261,8 +262,8 @@ def _fit_links(colls: list, dt, device, group, reps: int) -> dict:
         dist.all_reduce(med, op=dist.ReduceOp.MAX, group=group)
         chunks = 2 * (p - 1) if op == "all_reduce" else p - 1
         nbytes = [v * elt // p * chunks for v in sizes]
-        alpha, beta = timing.fit_alpha_beta(zip(nbytes, med.tolist()))
-        fits[op] = (timing.LinkFit(op, p, alpha, beta), nbytes, med.tolist())
+        alpha, beta = step_model.fit_alpha_beta(zip(nbytes, med.tolist()))
+        fits[op] = (step_model.LinkFit(op, p, alpha, beta), nbytes, med.tolist())
     return fits
 
 
@@ -292,11 +293,11 @@ def _after_time(fn, before, device, group, reps: int) -> float:
 
 def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32", reps: int = 7,
                    chains: Optional[dict] = None, after_chain: Optional[dict] = None):
-    """Time each of ``terms`` (:mod:`phantom_plugin.timing` terms) on every rank at once; rank 0
+    """Time each of ``terms`` (:mod:`phantom_plugin.modeling.step_model` terms) on every rank at once; rank 0
     returns ``(seconds per term in order, link, chain seconds)``, ``link`` holding ``latency_s`` (a
     one-value all-gather), ``bandwidth_bytes_per_s`` (of the fit of the largest message's op) and
     ``fits`` (per op: ``alpha_s``, ``beta_s_per_byte``, the sizes timed and their medians).
-    ``chains``: ``{name: [Gemm, ...]}`` (:func:`phantom_plugin.timing.gemm_chain`), each timed as
+    ``chains``: ``{name: [Gemm, ...]}`` (:func:`phantom_plugin.modeling.step_model.gemm_chain`), each timed as
     one chain; the third value is ``{name: seconds}``. ``after_chain``: ``{term: name}``, compute
     terms timed one call at a time right after chain ``name`` (:func:`_after_time`; the optimizer)."""
     quiet_third_party()
@@ -304,10 +305,10 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
     device = comm.collective_device(group)   # the launcher set each NCCL rank's device
     dt = _DTYPES[dtype]
     torch.manual_seed(rank)
-    colls = [t for t in terms if isinstance(t, timing.Collective)]
+    colls = [t for t in terms if isinstance(t, step_model.Collective)]
     for f in terms:
-        if isinstance(f, timing.Framework):
-            colls += [t for t in _tiny_terms(f) if isinstance(t, timing.Collective)]
+        if isinstance(f, step_model.Framework):
+            colls += [t for t in _tiny_terms(f) if isinstance(t, step_model.Collective)]
     fits = _fit_links(colls, dt, device, group, max(reps, 15)) if world_size > 1 else {}
     link_fits = {op: f for op, (f, _, _) in fits.items()}
     names = sorted(chains or {})

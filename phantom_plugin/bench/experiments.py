@@ -33,7 +33,7 @@ def _header(runs: list[dict], what: str) -> str:
 
 
 def _run_all(args, specs) -> list[dict]:
-    from .cli import run_one
+    from .runs import run_one
     runs = []
     bar = tqdm(specs, desc="phantom-bench", disable=args.no_progress)
     for p, spec in bar:
@@ -89,7 +89,7 @@ def targets_markdown(runs: list[dict]) -> str:
 
 
 def grid(args):
-    from .cli import grid_specs
+    from .runs import grid_specs
     runs = _run_all(args, grid_specs(args))
     md = [_header(runs, "phantom-bench grid"), runs_table(runs), "", "phantom/TP:", "", pair_table(runs)]
     if args.probe:
@@ -98,7 +98,7 @@ def grid(args):
 
 
 def e1(args):
-    from .cli import grid_specs
+    from .runs import grid_specs
     runs = _run_all(args, grid_specs(args))
     rows, summary = [], []
     for tp, ph in pairs(runs):
@@ -121,8 +121,8 @@ def e1(args):
 
 
 def e2(args):
-    from .cli import run_one
-    from .runner import RunSpec
+    from .runs import run_one
+    from .workload import RunSpec
     runs, rows, summary = [], [], []
     for p in args.ranks:
         if p < 2 or p % 2:
@@ -172,7 +172,7 @@ def _e2_row(tp: dict, ph: dict, summary: list) -> str:
 
 def inference(args):
     """``--inference``: every grid point forward-only, both phases from one launch per mode."""
-    from .cli import grid_specs, run_one
+    from .runs import grid_specs, run_one
     from .inference import infer_rank
     runs = []
     bar = tqdm(grid_specs(args), desc="phantom-bench --inference", disable=args.no_progress)

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from .. import comm, energy
-from .runner import (_DTYPES, RunSpec, build_model, count_params, energy_fields, machine_description,
-                     model_cost, peak_memory, quiet_third_party, sync)
+from .runner import energy_fields
+from .workload import (_DTYPES, RunSpec, build_model, count_params, machine_description, model_cost,
+                       peak_memory, quiet_third_party, sync)
 
 __all__ = ["PHASES", "infer_rank", "percentile"]
 

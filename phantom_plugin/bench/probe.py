@@ -130,7 +130,7 @@ def probe_rank(model, opt, spec, group, device, dtype, rounds: int = 6, per_roun
     Interleaving puts every variant under the same machine load, so their ratios are the robust
     figures on a shared machine.
     """
-    from .runner import build_model, make_optimizer, teacher_batch, train_step
+    from .workload import build_model, make_optimizer, teacher_batch, train_step
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     n = spec.width
     shapes = {"phantom_local": (spec.batch, n // p, n // p), "tp_column": (spec.batch, n, n // p)}

@@ -1,7 +1,7 @@
 """DeepSpeed adapter: a ``"phantom_parallel"`` section in the JSON config, under the ``deepspeed`` launcher.
 
 With the plugin installed the section alone is enough: the import hook installed with the
-package (:mod:`phantom_plugin_autoload`) routes every ``deepspeed.initialize`` call whose config
+package (:mod:`phantom_plugin.integrations.deepspeed_autoload`) routes every ``deepspeed.initialize`` call whose config
 has it here, Hugging Face ``Trainer`` and Accelerate included. The explicit form:
 
     from phantom_plugin.deepspeed import initialize       # instead of deepspeed.initialize
@@ -14,34 +14,16 @@ Modules: :mod:`.config` (the validated section), :mod:`.groups` (phantom x data 
 (``PipelineModule`` topology and boundary guard), :mod:`.routing` (collectives through
 ``deepspeed.comm``), :mod:`.monitor` (monitor events), :mod:`.checkpoint` (the layout a
 checkpoint carries and its check), :mod:`.zero3` (``zero.Init`` models, ZeRO-3 export). Importing this package imports deepspeed;
-the core package never does.
+the core package never does. To switch the section on by hand where the site hook does not run
+(``python -S``), call ``phantom_plugin.integrations.deepspeed_autoload.register()``.
 """
-import deepspeed as _deepspeed
-
 from .config import PhantomConfigError, PhantomParallelConfig, load_section
 from .engine import PhantomRun, initialize
 from .export import export_dense
 from .groups import PhantomMPU, build_groups
 from .pipe import phantom_topology
 
-__all__ = ["initialize", "register", "unregister", "export_dense", "PhantomParallelConfig",
+__all__ = ["initialize", "export_dense", "PhantomParallelConfig",
            "PhantomConfigError", "load_section", "PhantomRun", "PhantomMPU", "build_groups",
            "phantom_topology"]
 
-
-def register() -> None:
-    """Make the ``phantom_parallel`` section take effect in this process without the site hook.
-
-    Wraps ``deepspeed.initialize`` (and ``Accelerator._prepare_deepspeed`` once accelerate is
-    imported) as the import hook does, whatever ``PHANTOM_PLUGIN_AUTOLOAD`` says; idempotent.
-    Call it before the program calls ``deepspeed.initialize`` / builds its data loaders.
-    """
-    import phantom_plugin_autoload
-    phantom_plugin_autoload.install_hook(force=True)
-    phantom_plugin_autoload.patch_deepspeed(_deepspeed)
-
-
-def unregister() -> None:
-    """Undo :func:`register` and the import hook: ``deepspeed.initialize`` is DeepSpeed's own again."""
-    import phantom_plugin_autoload
-    phantom_plugin_autoload.remove_hook()

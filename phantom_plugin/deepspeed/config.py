@@ -193,7 +193,7 @@ def _zero3_errors(zero: dict, pipeline: bool) -> list[str]:
     """The ZeRO-3 options the phantom layers cannot honour (and pipelines, which DeepSpeed refuses)."""
     errors = []
     if pipeline:
-        errors.append(f"zero_optimization.stage: 3 with a PipelineModule (DeepSpeed pipelines accept "
+        errors.append("zero_optimization.stage: 3 with a PipelineModule (DeepSpeed pipelines accept "
                       "ZeRO-1 only); use stage 0 or 1")
     for key, why in _ZERO3_UNSUPPORTED.items():
         value = zero.get(key)
@@ -221,7 +221,7 @@ def _autotp_errors(cfg: PhantomParallelConfig, tp: dict, pipeline: bool) -> list
         return []
     errors = []
     if pipeline:
-        errors.append(f"tensor_parallel.autotp_size: AutoTP with a PipelineModule is not supported by "
+        errors.append("tensor_parallel.autotp_size: AutoTP with a PipelineModule is not supported by "
                       "DeepSpeed; remove the tensor_parallel section")
     if size != cfg.size:
         errors.append(f"tensor_parallel.autotp_size: {size} differs from {SECTION}.size={cfg.size}; "

@@ -1,7 +1,7 @@
 """``initialize``: ``deepspeed.initialize`` with the config's ``phantom_parallel`` section applied.
 
 With the plugin installed this runs for every ``deepspeed.initialize`` call whose config has the
-section (the import hook, :mod:`phantom_plugin_autoload`), Hugging Face ``Trainer`` and
+section (the import hook, :mod:`phantom_plugin.integrations.deepspeed_autoload`), Hugging Face ``Trainer`` and
 Accelerate included; calling it directly is the explicit form. Order of work (each step only
 after the previous succeeded on this rank):
 

@@ -6,7 +6,7 @@ The terms follow the code, not the paper's idealisation: :mod:`phantom_plugin.op
 (ghost, local and decompression GEMMs forward; six GEMMs backward, two of them skipped for the
 first layer, whose input needs no grad) and megatron-core's ``ColumnParallelLinear`` /
 ``RowParallelLinear`` for TP (which computes the input grad of the first layer too). Messages come
-from :mod:`phantom_plugin.cost`, so bytes are the ones the byte counter measures. Times per term
+from :mod:`phantom_plugin.modeling.counts`, so bytes are the ones the byte counter measures. Times per term
 come from :mod:`phantom_plugin.bench.calibrate` (``phantom-plan --calibrate``).
 
 Collectives are priced by an alpha-beta fit per op (:class:`LinkFit`, :func:`fit_alpha_beta`:
@@ -29,7 +29,7 @@ import dataclasses
 import statistics
 from typing import Optional, Union
 
-from . import cost
+from . import counts
 
 __all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Wait", "Framework", "Term", "step_terms", "predict",
            "LinkFit", "fit_alpha_beta", "ladder"]
@@ -69,7 +69,7 @@ class Optimizer:
 
 @dataclasses.dataclass(frozen=True)
 class Collective:
-    """One collective as :class:`cost.Message` counts it: ``op`` over ``values`` (gathered or
+    """One collective as :class:`counts.Message` counts it: ``op`` over ``values`` (gathered or
     reduced) on ``p`` ranks, ``bytes_sent`` by this rank."""
     op: str
     values: int
@@ -129,12 +129,12 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
     ``framework=False`` leaves out the :class:`Framework` term."""
     if mode not in ("tp", "phantom"):
         raise ValueError(f"step_terms: mode must be 'tp' or 'phantom', got {mode!r}")
-    elt = cost.DTYPE_BYTES[dtype]
+    elt = counts.DTYPE_BYTES[dtype]
     n, b, m = width, batch, width // p
     terms: collections.Counter = collections.Counter()
     overlaps: list = []          # per message of the cost model, in its order: GEMMs run while it is in flight
     if mode == "phantom":
-        c = cost.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=elt)
+        c = counts.phantom_ffn_cost(width, depth, p=p, k=k, batch=batch, dtype_bytes=elt)
         if p > 1:                # the block's edges: own slice of the input, concatenated output
             terms.update([Pointwise("copy", b, m), Pointwise("copy", b, n)])
             overlaps.append(())  # the output all-gather, synchronous
@@ -148,7 +148,7 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
             if l < depth - 1:
                 terms[Pointwise("act", b, m, activation)] += 1
     else:
-        c = cost.tp_ffn_cost(width, depth, p=p, batch=batch, dtype_bytes=elt)
+        c = counts.tp_ffn_cost(width, depth, p=p, batch=batch, dtype_bytes=elt)
         for l in range(depth):
             if l % 2 == 0:      # column: W [n/p, n]; megatron computes dX for the first layer too
                 terms.update([Gemm(b, n, m, b_t=True), Gemm(m, b, n, a_t=True), Gemm(b, m, n)])

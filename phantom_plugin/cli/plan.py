@@ -5,12 +5,12 @@
     phantom-plan --width 2048 --depth 4 --ranks 2 --ghosts 32 --batch 256 --calibrate [--json]
     phantom-plan --width 8192 --depth 4 --ranks 8 --ghosts 64 --batch 8192 --dtype bf16 --datasheet h100-sxm
 
-Numbers are modeled (see :mod:`phantom_plugin.cost`), per training step; bytes are what one
+Numbers are modeled (see :mod:`phantom_plugin.modeling.counts`), per training step; bytes are what one
 rank sends under ring collectives. ``--calibrate`` starts ``--ranks`` ranks on this machine (gloo;
 NCCL with one GPU per rank when enough are visible), times every GEMM shape, pointwise pass,
 optimizer step and collective of both models' training step there (a few seconds), and predicts
-each model's step time from them (:mod:`phantom_plugin.timing`). ``--datasheet DEVICE`` prices the
-same terms at a GPU's datasheet rates and a stated link instead (:mod:`phantom_plugin.datasheet`):
+each model's step time from them (:mod:`phantom_plugin.modeling.step_model`). ``--datasheet DEVICE`` prices the
+same terms at a GPU's datasheet rates and a stated link instead (:mod:`phantom_plugin.modeling.datasheet`):
 extrapolated, not measured, and labelled so. ``--json`` prints the same as JSON.
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import cost
-from .datasheet import GPUS_PER_NODE, SHEETS, extrapolate
+from ..modeling import counts
+from ..modeling.datasheet import GPUS_PER_NODE, SHEETS, extrapolate
 
 __all__ = ["main", "plan_table", "k_time_to_loss_hint"]
 
@@ -35,10 +35,10 @@ def _fmt(n: float) -> str:
 
 
 def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str) -> str:
-    """Markdown table of :func:`cost.tp_ffn_cost` against :func:`cost.phantom_ffn_cost`."""
-    elt = cost.DTYPE_BYTES[dtype]
-    tp = cost.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt)
-    ph = cost.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)
+    """Markdown table of :func:`counts.tp_ffn_cost` against :func:`counts.phantom_ffn_cost`."""
+    elt = counts.DTYPE_BYTES[dtype]
+    tp = counts.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt)
+    ph = counts.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)
     rows = [
         ("parameters (whole group)", tp.params, ph.params),
         ("parameters per rank", tp.params_per_rank, ph.params_per_rank),
@@ -92,9 +92,9 @@ def _hint_note(hint: dict, ghosts: int) -> str:
 def plan_dict(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,
               prediction: Optional[dict] = None) -> dict:
     """The plan as JSON-ready data: both models' counts, and the calibrated prediction if given."""
-    elt = cost.DTYPE_BYTES[dtype]
-    models = {"tp": cost.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt),
-              "phantom": cost.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)}
+    elt = counts.DTYPE_BYTES[dtype]
+    models = {"tp": counts.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt),
+              "phantom": counts.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)}
     out = {"width": width, "depth": depth, "ranks": ranks, "ghosts": ghosts, "batch": batch, "dtype": dtype,
            "modeled": {m: {"params": c.params, "params_per_rank": c.params_per_rank, "macs_fwd": c.macs_fwd,
                            "macs_bwd": c.macs_bwd, "flops": c.flops, "bytes_sent_fwd": c.bytes_by("fwd"),
@@ -112,18 +112,18 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     Returns ``{"predicted_step_time_s": {"tp", "phantom"}, "ratio", "parts_s": {...},
     "link": {"latency_s", "bandwidth_bytes_per_s", "fits"}, "machine", "threads_per_rank", "cores",
     "oversubscribed", "bind_cores"}``. ``bind_cores``: each rank on cores of its own
-    (:func:`phantom_plugin.launch.run_ranks`), as ``phantom-bench --bind-cores`` runs them. More
+    (:func:`phantom_plugin.bench.launch.run_ranks`), as ``phantom-bench --bind-cores`` runs them. More
     ranks x threads than ``cores`` (the CPUs this process may run on) share the cores: every term
     is timed by all ranks at once, so the sharing is in the times, and the waits are not added (a
     rank blocked in a collective lends its core to another's compute; adding them overestimated
     phantom by 54 % at 4 ranks on 2 cores).
     """
     import torch
-    from . import timing
-    from .bench.calibrate import calibrate_rank
-    from .bench.runner import machine_description
-    from .launch import default_threads, run_ranks
-    terms = {mode: timing.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts,
+    from ..modeling import step_model
+    from ..bench.calibrate import calibrate_rank
+    from ..bench.workload import machine_description
+    from ..bench.launch import default_threads, run_ranks
+    terms = {mode: step_model.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts,
                                      activation=activation, dtype=dtype) for mode in ("tp", "phantom")}
     nccl = torch.cuda.is_available() and torch.cuda.device_count() >= ranks
     threads = threads or default_threads(ranks)                      # as phantom-bench chooses them
@@ -132,16 +132,16 @@ def calibrated_prediction(width: int, depth: int, ranks: int, ghosts: int, batch
     # GEMMs are timed as each model's chain (below), not shape by shape. Ranks sharing cores: a rank
     # blocked in a collective gives its core to another rank's compute, so what a collective costs
     # beyond its fit overlaps the compute (counted at the shared rate) and is not added.
-    skip = (timing.Gemm, timing.Wait) if oversubscribed else (timing.Gemm,)
+    skip = (step_model.Gemm, step_model.Wait) if oversubscribed else (step_model.Gemm,)
     distinct = sorted({t for m in terms.values() for t in m if not isinstance(t, skip)}, key=repr)
-    chains = {mode: timing.gemm_chain(terms[mode]) for mode in terms}
+    chains = {mode: step_model.gemm_chain(terms[mode]) for mode in terms}
     # Adam runs once a step, its moments evicted by the step's GEMMs since: timed after the chain
-    after = {t: mode for mode in terms for t in terms[mode] if isinstance(t, timing.Optimizer)}
+    after = {t: mode for mode in terms for t in terms[mode] if isinstance(t, step_model.Optimizer)}
     secs, link, chain_s = run_ranks(calibrate_rank, ranks, distinct, dtype, 7, chains, after, timeout=600,
                                     backend="nccl" if nccl else "gloo", threads=threads, bind_cores=bind_cores)[0]
     measured = dict(zip(distinct, secs))
-    measured.update({t: 0.0 for m in terms.values() for t in m if isinstance(t, timing.Wait) and t not in measured})
-    pred = {mode: timing.predict(terms[mode], measured, gemm_chain_s=chain_s[mode]) for mode in terms}
+    measured.update({t: 0.0 for m in terms.values() for t in m if isinstance(t, step_model.Wait) and t not in measured})
+    pred = {mode: step_model.predict(terms[mode], measured, gemm_chain_s=chain_s[mode]) for mode in terms}
     device = torch.device("cuda", 0) if nccl else torch.device("cpu")
     return {"predicted_step_time_s": {m: pred[m]["step_time_s"] for m in pred},
             "ratio": pred["phantom"]["step_time_s"] / pred["tp"]["step_time_s"],
@@ -208,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--ranks", type=int, required=True, help="group size p")
     ap.add_argument("--ghosts", type=int, help="ghost neurons per rank k (omit with a budget to get a suggestion)")
     ap.add_argument("--batch", type=int, default=1, help="samples (or tokens) per step")
-    ap.add_argument("--dtype", default="fp32", choices=sorted(cost.DTYPE_BYTES))
+    ap.add_argument("--dtype", default="fp32", choices=sorted(counts.DTYPE_BYTES))
     ap.add_argument("--param-budget", type=float, help="suggest the largest k with params <= this fraction of TP's")
     ap.add_argument("--traffic-budget", type=float, help="suggest the largest k with bytes <= this fraction of TP's")
     ap.add_argument("--calibrate", action="store_true",
@@ -241,8 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.param_budget is not None or a.traffic_budget is not None:
         try:
             budgets = dict(p=a.ranks, batch=a.batch, param_budget=a.param_budget, traffic_budget=a.traffic_budget)
-            largest = cost.suggest_ghost_dim(a.width, a.depth, **budgets)
-            ghosts = cost.suggest_ghost_dim(a.width, a.depth, multiple_of=8, **budgets)
+            largest = counts.suggest_ghost_dim(a.width, a.depth, **budgets)
+            ghosts = counts.suggest_ghost_dim(a.width, a.depth, multiple_of=8, **budgets)
         except ValueError as e:
             ap.error(str(e))
         if not a.json:
@@ -269,7 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.bind_cores and not a.calibrate:
         ap.error("--bind-cores applies to --calibrate; add --calibrate")
     if a.bind_cores:
-        from .launch import bound_cores, default_threads
+        from ..bench.launch import bound_cores, default_threads
         try:
             bound_cores(a.ranks, default_threads(a.ranks))
         except ValueError as e:

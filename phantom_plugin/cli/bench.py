@@ -7,9 +7,9 @@ One point::
 
 Comma-separated values make a grid (``--ranks 2,4 --ghosts 16,32``). Ranks are started here
 (gloo on CPU; NCCL, one GPU per rank, when enough GPUs are visible). ``--recipe e1`` / ``e2`` run
-the paper's two experiments (:mod:`.experiments`); ``--probe`` adds the GEMM-rate and
-hidden-communication measurements (:mod:`.probe`). ``--inference`` measures forward passes only
-(:mod:`.inference`): a throughput phase at ``--batch`` and a latency phase at batch 1, ``--steps``
+the paper's two experiments (:mod:`phantom_plugin.bench.experiments`); ``--probe`` adds the GEMM-rate and
+hidden-communication measurements (:mod:`phantom_plugin.bench.probe`). ``--inference`` measures forward passes only
+(:mod:`phantom_plugin.bench.inference`): a throughput phase at ``--batch`` and a latency phase at batch 1, ``--steps``
 forward passes each.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import shlex
 import sys
 
-__all__ = ["main", "parse_args", "grid_specs"]
+__all__ = ["main", "parse_args"]
 
 
 def _ints(s: str) -> list[int]:
@@ -67,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.inference and args.probe:
         ap.error("--probe measures training steps; drop it with --inference")
     if args.bind_cores:
-        from ..launch import bound_cores, default_threads
+        from ..bench.launch import bound_cores, default_threads
         for p in args.ranks:
             try:
                 bound_cores(p, args.threads or default_threads(p))
@@ -80,49 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def grid_specs(args) -> list[tuple[int, "object"]]:
-    """``(ranks, RunSpec)`` for every grid point: TP once per (n, L, p, B), phantom once per ``k``."""
-    from .runner import RunSpec
-    out = []
-    for n in args.width:
-        for depth in args.depth:
-            for p in args.ranks:
-                for b in args.batch:
-                    common = dict(width=n, depth=depth, batch=b, steps=args.steps, warmup=args.warmup,
-                                  lr=args.lr, seed=args.seed, dtype=args.dtype, probe=args.probe,
-                                  energy_preset=args.energy_preset)
-                    if "tp" in args.modes:
-                        out.append((p, RunSpec(mode="tp", ghost_dim=args.ghosts[0], **common)))
-                    if "phantom" in args.modes:
-                        out += [(p, RunSpec(mode="phantom", ghost_dim=k, **common)) for k in args.ghosts]
-    return out
-
-
-def backend_for(args, p: int) -> str:
-    if args.backend != "auto":
-        return args.backend
-    import torch
-    return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= p else "gloo"
-
-
-def run_one(args, p: int, spec, fn=None):
-    """Start ``p`` ranks, run ``fn`` (default: train ``spec``), return rank 0's result (a record,
-    or a list of records for :func:`.inference.infer_rank`) with the launch conditions."""
-    from ..launch import default_threads, run_ranks
-    from .runner import train_rank
-    cores = os.cpu_count() or 1
-    backend = backend_for(args, p)
-    threads = args.threads or default_threads(p)
-    out = run_ranks(fn or train_rank, p, spec, not args.no_progress, timeout=args.timeout, backend=backend,
-                    threads=threads, bind_cores=args.bind_cores)[0]
-    for r in out if isinstance(out, list) else [out]:
-        r.update(backend=backend, threads_per_rank=threads, bind_cores=args.bind_cores,
-                 oversubscribed=backend == "gloo" and p * threads > cores)
-    return out
-
-
 def write_outputs(out: str, runs: list[dict], markdown: str, summary: dict, title: str) -> list[str]:
-    from .plots import write_inference_plots, write_plots
+    from ..bench.plots import write_inference_plots, write_plots
     os.makedirs(out, exist_ok=True)
     doc = {"command": "phantom-bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "created": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -137,7 +96,7 @@ def write_outputs(out: str, runs: list[dict], markdown: str, summary: dict, titl
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from . import experiments
+    from ..bench import experiments
     recipe = experiments.inference if args.inference else experiments.RECIPES[args.recipe]
     runs, markdown, summary, title = recipe(args)
     paths = write_outputs(args.out, runs, markdown, summary, title)

@@ -1,23 +1,23 @@
-"""Step time on a GPU from its datasheet, not measured: the terms of :mod:`phantom_plugin.timing`
+"""Step time on a GPU from its datasheet, not measured: the terms of :mod:`phantom_plugin.modeling.step_model`
 (``phantom-plan --calibrate``'s model) priced at a device's published peak rates and a stated link
 (``phantom-plan ... --datasheet h100-sxm``). Every figure it returns is **extrapolated**, and says so.
 
 How each term is priced (one rank, one training step):
 
-* :class:`~timing.Gemm`: a roofline, ``max(2 * MACs / (peak * efficiency), bytes / memory rate)``
+* :class:`~step_model.Gemm`: a roofline, ``max(2 * MACs / (peak * efficiency), bytes / memory rate)``
   with ``bytes`` the two operands read and the output written once: the wide GEMMs are bound by
   the tensor cores, phantom's ``k``-wide ones (``x C^T``, ``dg^T x``, ...) can be bound by memory;
-* :class:`~timing.Pointwise` and :class:`~timing.Optimizer`: bytes over the memory rate
+* :class:`~step_model.Pointwise` and :class:`~step_model.Optimizer`: bytes over the memory rate
   (:data:`POINTWISE_PASSES` passes over the tensor; fused Adam reads parameter, grad and both
   moments and writes three, in the model's dtype as ``phantom-bench`` runs it);
-* :class:`~timing.Collective`: ``latency + bytes_sent / link`` per direction (NCCL ring: the
-  bytes :mod:`phantom_plugin.cost` counts), the link NVLink within a node and the network per GPU
+* :class:`~step_model.Collective`: ``latency + bytes_sent / link`` per direction (NCCL ring: the
+  bytes :mod:`phantom_plugin.modeling.counts` counts), the link NVLink within a node and the network per GPU
   across nodes (:func:`link_for`);
-* :class:`~timing.Wait`: NCCL runs on its own stream, so an async collective hides under the GEMMs
+* :class:`~step_model.Wait`: NCCL runs on its own stream, so an async collective hides under the GEMMs
   the code runs while it is in flight (phantom's ghost exchange under the local GEMMs, megatron's
   input-grad all-reduce under ``dW``): its wait is ``-min(collective, those GEMMs)``, a synchronous
   one's 0. The SMs NCCL takes from the GEMMs are not modeled;
-* :class:`~timing.Framework`: 0, kernel launches assumed hidden behind the GPU's work.
+* :class:`~step_model.Framework`: 0, kernel launches assumed hidden behind the GPU's work.
 
 So it is a lower bound at ``efficiency = 1`` (the datasheet peak): large bf16 GEMMs reach a
 fraction of it, which ``benchmarks/gpu_layer_check.py`` measures on a card. Leaf module: torch-free.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from . import cost, timing
+from . import counts, step_model
 
 __all__ = ["DeviceSheet", "Link", "SHEETS", "POINTWISE_PASSES", "link_for", "term_seconds", "extrapolate"]
 
@@ -110,24 +110,24 @@ def link_for(sheet: DeviceSheet, p: int, *, gpus_per_node: int = GPUS_PER_NODE,
 
 
 def term_seconds(term, sheet: DeviceSheet, dtype: str, link: Link, efficiency: float = 1.0) -> float:
-    """Seconds of one :mod:`~phantom_plugin.timing` term at the sheet's rates (module docstring)."""
-    elt = cost.DTYPE_BYTES[dtype]
+    """Seconds of one :mod:`~phantom_plugin.modeling.step_model` term at the sheet's rates (module docstring)."""
+    elt = counts.DTYPE_BYTES[dtype]
     mem = sheet.memory_bytes_per_s
-    if isinstance(term, timing.Gemm):
+    if isinstance(term, step_model.Gemm):
         moved = (term.m * term.k + term.k * term.n + term.m * term.n) * elt
         return max(2 * term.macs / (sheet.matmul_flops[dtype] * efficiency), moved / mem)
-    if isinstance(term, timing.Pointwise):
+    if isinstance(term, step_model.Pointwise):
         return POINTWISE_PASSES[term.kind] * term.rows * term.cols * elt / mem
-    if isinstance(term, timing.Optimizer):
+    if isinstance(term, step_model.Optimizer):
         return ADAM_PASSES * term.numel * elt / mem
-    if isinstance(term, timing.Collective):
+    if isinstance(term, step_model.Collective):
         return link.seconds(term.bytes_sent)
-    if isinstance(term, timing.Wait):
+    if isinstance(term, step_model.Wait):
         if not term.overlap:
             return 0.0
         hidden = sum(term_seconds(g, sheet, dtype, link, efficiency) for g in term.overlap)
         return -min(link.seconds(term.coll.bytes_sent), hidden)
-    if isinstance(term, timing.Framework):
+    if isinstance(term, step_model.Framework):
         return 0.0
     raise TypeError(f"not a timing term: {term!r}")
 
@@ -149,10 +149,10 @@ def extrapolate(width: int, depth: int, ranks: int, ghosts: int, batch: int, dty
     link = link_for(sheet, ranks, gpus_per_node=gpus_per_node, bytes_per_s=link_bytes_per_s, latency_s=link_latency_s)
     out = {}
     for mode in ("tp", "phantom"):
-        terms = timing.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts, activation=activation,
+        terms = step_model.step_terms(mode, width, depth, p=ranks, batch=batch, k=ghosts, activation=activation,
                                   dtype=canon)
         secs = {t: term_seconds(t, sheet, canon, link, efficiency) for t in terms}
-        out[mode] = timing.predict(terms, secs)
+        out[mode] = step_model.predict(terms, secs)
     t = {m: out[m]["step_time_s"] for m in out}
     return {"extrapolated_step_time_s": t, "extrapolated_ratio": t["phantom"] / t["tp"],
             "extrapolated_parts_s": {m: out[m]["parts_s"] for m in out},

@@ -13,11 +13,11 @@ config and step aside unless it has a ``"phantom_parallel"`` section:
   (``phantom_plugin.deepspeed.hf``), so the ranks of one phantom group get the same batches.
 
 ``PHANTOM_PLUGIN_AUTOLOAD=0`` (or ``false``/``off``/``no``) turns the hook off;
-``phantom_plugin.deepspeed.register()`` / ``unregister()`` do the same by hand, for environments
+``phantom_plugin.integrations.deepspeed_autoload.register()`` / ``unregister()`` do the same by hand, for environments
 that skip site hooks (``python -S``, some embedded interpreters).
 
-This module lives outside the ``phantom_plugin`` package because importing that package imports
-torch.
+Importing ``phantom_plugin`` itself is lazy (its public names load on first use), so this module,
+installed as ``phantom_plugin.integrations.deepspeed_autoload``, costs no torch import at start-up.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ import sys
 import threading
 import warnings
 
-__all__ = ["ENV", "enabled_by_env", "install_hook", "remove_hook", "patch_deepspeed",
+__all__ = ["register", "unregister", "ENV", "enabled_by_env", "install_hook", "remove_hook", "patch_deepspeed",
            "unpatch_deepspeed", "patch_accelerate", "unpatch_accelerate", "original_initialize",
            "has_phantom_section", "SECTION"]
 
@@ -169,7 +169,7 @@ class _Loader:
         except (AttributeError, TypeError) as e:   # an API that moved: keep the import, say so
             warnings.warn(f"phantom_plugin: could not hook {module.__name__} ({e!r}); a "
                           f"'{SECTION}' section will not take effect unless the script calls "
-                          "phantom_plugin.deepspeed.register()", RuntimeWarning, stacklevel=2)
+                          "phantom_plugin.integrations.deepspeed_autoload.register()", RuntimeWarning, stacklevel=2)
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -232,3 +232,21 @@ def remove_hook() -> None:
     acc = sys.modules.get("accelerate.accelerator")
     if acc is not None and hasattr(acc, "Accelerator"):
         unpatch_accelerate(acc)
+
+
+def register() -> None:
+    """Make the ``phantom_parallel`` section take effect in this process without the site hook.
+
+    Wraps ``deepspeed.initialize`` (and ``Accelerator._prepare_deepspeed`` once accelerate is
+    imported) as the import hook does, whatever ``PHANTOM_PLUGIN_AUTOLOAD`` says; idempotent.
+    Call it before the program calls ``deepspeed.initialize`` / builds its data loaders. Imports
+    deepspeed.
+    """
+    import deepspeed
+    install_hook(force=True)
+    patch_deepspeed(deepspeed)
+
+
+def unregister() -> None:
+    """Undo :func:`register` and the import hook: ``deepspeed.initialize`` is DeepSpeed's own again."""
+    remove_hook()
