@@ -15,7 +15,7 @@ PYTHON312 ?= $(shell for c in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
 	$$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo $$c; break; }; done)
 MEGATRON_TESTS ?= tests/test_megatron_*.py tests/test_tp_baseline.py
 
-.PHONY: install install312 demo test test311 test312 clean
+.PHONY: install install312 demo test test-fast test311 test312 lint docs clean
 
 install: $(STAMP)
 
@@ -23,7 +23,7 @@ $(STAMP): setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[megatron,deepspeed,energy,test]'
+	$(PY) -m pip install -q -e '.[megatron,deepspeed,energy,test,docs]'
 	touch $(STAMP)
 
 install312: $(STAMP312)
@@ -38,10 +38,25 @@ $(STAMP312): setup.py
 demo: install
 	$(PY) examples/ffn_demo.py
 
-# Both legs always run; the target fails if either failed.
+# Everything: lint, the documentation site (strict), then both test legs. Every part always runs;
+# the target fails if any failed.
 test:
-	@rc=0; $(MAKE) --no-print-directory test311 || rc=1; \
+	@rc=0; $(MAKE) --no-print-directory lint || rc=1; \
+	$(MAKE) --no-print-directory docs || rc=1; \
+	$(MAKE) --no-print-directory test311 || rc=1; \
 	$(MAKE) --no-print-directory test312 || rc=1; exit $$rc
+
+# Everyday subset: core math, bad input, conversion (tests marked `fast`; under 2 minutes here).
+test-fast: install
+	$(PY) -m pytest -q -m fast tests
+
+lint: install
+	$(PY) -m ruff check .
+
+# The documentation site (MkDocs Material + mkdocstrings); --strict fails on a broken link or a
+# missing reference. Output in site/.
+docs: install
+	$(PY) -m mkdocs build --strict --site-dir site
 
 test311: install
 	$(PY) -m pytest -q tests
@@ -59,4 +74,4 @@ else
 endif
 
 clean:
-	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV312) *.egg-info .pytest_cache site

@@ -63,8 +63,8 @@ setup(
         "hf": ["deepspeed>=0.16", "pydantic>=2"] + HF,
         "energy": ["nvidia-ml-py"],
         "bench": ["matplotlib"],
-        "test": ["pytest>=7", "matplotlib"] + HF,
-        "dev": ["pytest>=7", "matplotlib", "ruff"],
+        "test": ["pytest>=7", "matplotlib", "ruff"] + HF,
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={"console_scripts": [
         "phantom-plan=phantom_plugin.cli.plan:main",

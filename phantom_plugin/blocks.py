@@ -1,6 +1,6 @@
 """Block algebra between a dense weight and phantom parameters (no communication).
 
-``PHANTOM_MATH.md``: the dense equivalent of a phantom layer has blocks ``W[i,i] = L_i`` and
+``docs/concepts.md``: the dense equivalent of a phantom layer has blocks ``W[i,i] = L_i`` and
 ``W[i,j] = D_ij C_j``; the best phantom approximation of a given ``W`` keeps ``L_i = W[i,i]`` and
 takes a rank-``k`` truncated SVD of each block column's stacked off-diagonal blocks
 (Eckart-Young), exact once ``k >= n_in/p``.

@@ -15,7 +15,7 @@ matched module object itself is kept, so its own ``forward``, and references to 
   ``dense_h_to_4h -> dense_4h_to_h`` (GPT-NeoX, Falcon, BLOOM), ``c_fc -> c_proj`` (GPT-2,
   ``Conv1D``) or ``w1(, w3) -> w2``.
 
-A converted MLP is a drop-in (``PHANTOM_MATH.md``, "Inside a transformer MLP"): the first
+A converted MLP is a drop-in (``docs/concepts.md``, "Inside a transformer MLP"): the first
 layer(s) take this rank's slice of the replicated input (``scatter_to_group``), activations stay
 sharded ``[*, n/p]`` in between, the last layer all-gathers its output (``gather_from_group``).
 

@@ -6,7 +6,7 @@ found in NVML / amdsmi by its **PCI bus id** (from ``torch.cuda.get_device_prope
 by torch's index alone: torch's index differs from the management library's under per-rank
 ``CUDA_VISIBLE_DEVICES``, and a MIG instance has no energy counter of its own (its board is
 read, and the scope says so). Readings are labelled by bus id, so :func:`sum_over_group` counts
-a device that several ranks share once. Sources, tried in order (``ENERGY.md``):
+a device that several ranks share once. Sources, tried in order (``docs/benchmarking.md``, "Energy"):
 
 * ``nvml``: NVML's total-energy counter (``nvidia-ml-py``, module ``pynvml``;
   ``nvmlDeviceGetTotalEnergyConsumption``, millijoules since driver load; Volta and newer).

@@ -1,4 +1,4 @@
-"""Autograd operators of phantom parallelism (``PHANTOM_MATH.md``, "One phantom layer").
+"""Autograd operators of phantom parallelism (``docs/concepts.md``, "One phantom layer").
 
 Tier two of three: :mod:`comm` holds raw collectives, this module the autograd Functions
 (named for where the data goes) and their public lowercase wrappers, :mod:`layers` the modules.

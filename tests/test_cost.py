@@ -1,4 +1,4 @@
-"""The cost model against PHANTOM_MATH.md's worked example, and the phantom-plan CLI."""
+"""The cost model against docs/concepts.md's worked example, and the phantom-plan CLI."""
 import pytest
 
 from phantom_plugin.modeling import counts
@@ -28,7 +28,7 @@ def test_mlp_traffic_ratio_matches_the_formula():
     tp = counts.tp_mlp_cost(h, f, p=p, tokens=t)
     values_ph = sum(m.values for m in ph.messages)
     values_tp = sum(m.values for m in tp.messages)
-    # PHANTOM_MATH.md: (2h + 4pk) / (4h) of TP's traffic, counting an all-reduce as two all-gathers
+    # docs/concepts.md: (2h + 4pk) / (4h) of TP's traffic, counting an all-reduce as two all-gathers
     assert values_ph / (2 * values_tp) == pytest.approx((2 * h + 4 * p * k) / (4 * h))
 
 

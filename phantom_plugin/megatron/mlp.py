@@ -1,8 +1,8 @@
-"""``PhantomMLP``: a drop-in for megatron-core's ``MLP`` in the phantom form of ``PHANTOM_MATH.md``.
+"""``PhantomMLP``: a drop-in for megatron-core's ``MLP`` in the phantom form of ``docs/concepts.md``.
 
 Contract (``megatron.core.transformer.mlp.MLP``): ``hidden_states [s, b, h]`` replicated over the
 TP group in, ``(output [s, b, h], output_bias)`` out, the output identical on every TP rank.
-Inside (``PHANTOM_MATH.md``, "Inside a transformer MLP")::
+Inside (``docs/concepts.md``, "Inside a transformer MLP")::
 
     x_i = split(x)                 # [s, b, h/p]      fwd: own slice  bwd: all-gather of dx
     a_i = act(phantom_fc1(x_i))    # [s, b, ffn/p]    ghosts k (gated: fc1 rows are [gate_i; up_i])

@@ -1,4 +1,4 @@
-"""The cost model of ``PHANTOM_MATH.md`` as code: parameters, MACs, messages and memory.
+"""The cost model of ``docs/concepts.md`` as code: parameters, MACs, messages and memory.
 
 Everything is per training step (one forward and one backward) for a batch of ``batch``
 samples (or tokens). MACs and saved activations are **per rank**; parameters are for the
@@ -80,7 +80,7 @@ def _check(n: int, p: int, name: str) -> None:
 
 def phantom_linear_cost(n_in: int, n_out: int, *, p: int, k: int, batch: int, dtype_bytes: int = 4,
                         bias: bool = True) -> Cost:
-    """One ``PhantomLinear`` (the table of ``PHANTOM_MATH.md``)."""
+    """One ``PhantomLinear`` (the table of ``docs/concepts.md``)."""
     _check(n_in, p, "n_in"), _check(n_out, p, "n_out")
     mi, mo = n_in // p, n_out // p
     kk = k if p > 1 else 0
