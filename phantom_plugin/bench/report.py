@@ -53,6 +53,10 @@ def demo_table(tp: dict, ph: dict) -> str:
     lines.append(f"| bytes sent/step (cost model) | {fmt_bytes(tp['comm_bytes_per_step_model'])} | "
                  f"{fmt_bytes(ph['comm_bytes_per_step_model'])} | |")
     lines.append(f"\nMeasured energy: {ph['energy_reason'] or ph['energy_scope']}.\nModeled energy: {ph['energy_model']}.")
+    lines.append(f"\nThe losses differ at equal steps because the two are different models: phantom's off-diagonal "
+                 f"blocks have rank k={ph['ghost_dim']}, so it holds {ph['params'] / tp['params']:.2f}x TP's "
+                 "parameters and fits this task's dense teacher less closely per step. What counts is the time and "
+                 "energy to reach a target loss, and a larger k narrows the gap: see docs/choosing-k.md.")
     return "\n".join(lines)
 
 
