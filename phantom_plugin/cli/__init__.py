@@ -1,0 +1,1 @@
+"""The command-line tools: ``phantom-plan`` (:mod:`.plan`) and ``phantom-bench`` (:mod:`.bench`)."""
