@@ -32,7 +32,8 @@ from .. import dtypes
 from . import devices, step_model
 from .devices import Device
 
-__all__ = ["Link", "POINTWISE_PASSES", "link_for", "term_seconds", "extrapolate"]
+__all__ = ["Link", "POINTWISE_PASSES", "ADAM_PASSES", "GPUS_PER_NODE", "NET_BYTES_PER_S", "NVLINK_LATENCY_S",
+           "NET_LATENCY_S", "link_for", "term_seconds", "extrapolate"]
 
 
 # passes over a [rows, cols] tensor, each a read or a write of every element
