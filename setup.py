@@ -41,7 +41,10 @@ try:
 except ImportError:          # setuptools < 64: `pip install -e .` runs `develop`
     pass
 
-HF = ["transformers>=4.46", "accelerate>=1.0"]
+# Each extra lists what the code it serves imports (torch>=2.4 stays the only torch requirement):
+MEGATRON = ["megatron-core>=0.16", "psutil"]    # phantom_plugin.megatron; psutil: megatron's checkpoint saver
+DEEPSPEED = ["deepspeed>=0.16", "pydantic>=2"]  # phantom_plugin.deepspeed (its config section is a pydantic model)
+HF = ["transformers>=4.46", "accelerate>=1.0"]  # DeepSpeed through the Hugging Face Trainer / accelerate
 
 setup(
     name="phantom_plugin",
@@ -58,12 +61,14 @@ setup(
     cmdclass=CMDCLASS,
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "megatron": ["megatron-core>=0.16", "psutil"],
-        "deepspeed": ["deepspeed>=0.16", "pydantic>=2"],
-        "hf": ["deepspeed>=0.16", "pydantic>=2"] + HF,
-        "energy": ["nvidia-ml-py"],
-        "bench": ["matplotlib"],
-        "test": ["pytest>=7", "matplotlib", "ruff"] + HF,
+        "megatron": MEGATRON,
+        "deepspeed": DEEPSPEED,
+        "hf": DEEPSPEED + HF,
+        "energy": ["nvidia-ml-py"],                   # EnergyMeter's NVML source (module pynvml)
+        # phantom-bench and phantom-plan --calibrate always build megatron-core's TP baseline; plots
+        "bench": ["megatron-core>=0.16", "matplotlib"],
+        # the tests run every adapter, the bench (megatron TP baseline, plots), the HF examples and ruff
+        "test": ["pytest>=7", "ruff", "matplotlib"] + MEGATRON + DEEPSPEED + HF,
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },
     entry_points={"console_scripts": [

@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from phantom_plugin.modeling import datasheet  # noqa: E402
+from phantom_plugin.modeling import datasheet, devices  # noqa: E402
 
 WIDTHS, RANKS = (8192, 16384, 32768), (8, 16, 32, 64)
 
@@ -36,7 +36,7 @@ def rows(device: str, depth: int, ghosts: int, tokens: int, dtype: str, efficien
 def markdown(recs: list[dict], device: str, depth: int, ghosts: int, tokens: int) -> str:
     info = recs[0]["extrapolation"]
     eff = "" if info["gemm_efficiency"] == 1 else f" x {info['gemm_efficiency']:g}"
-    nvlink = datasheet.SHEETS[device].nvlink_bytes_per_s
+    nvlink = devices.DEVICES[device].nvlink_bytes_per_s
     lines = [f"**Extrapolated from datasheet figures, not measured.** {info['device']}, {info['dtype']}, "
              f"FFN depth {depth}, k = {ghosts}, {tokens} tokens per step, per rank; GEMMs at "
              f"{info['matmul_flops_per_s'] / 1e12:g} TFLOP/s{eff} or memory-bound; NVLink "
@@ -54,7 +54,7 @@ def markdown(recs: list[dict], device: str, depth: int, ghosts: int, tokens: int
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="h100-sxm", choices=sorted(datasheet.SHEETS))
+    ap.add_argument("--device", default="h100-sxm", choices=sorted(devices.DEVICES))
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--ghosts", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=8192)

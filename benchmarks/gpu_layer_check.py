@@ -25,7 +25,8 @@ code allows it:
   the column layer's backward input-grad all-reduce overlaps its weight-grad GEMM, as
   megatron issues it.
 
-Energy adds the bytes at the preset's pJ/byte to the measured joules. ``--dry-run`` runs small
+Energy adds the bytes at the pJ/byte of the ``--preset`` device (:data:`phantom_plugin.modeling.devices.DEVICES`,
+an assumption, labelled so) to the measured joules. ``--dry-run`` runs small
 shapes on CPU (no energy, no card) to check the script end to end.
 """
 from __future__ import annotations
@@ -43,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from phantom_plugin import comm, energy, ops  # noqa: E402
-from phantom_plugin.modeling import counts  # noqa: E402
+from phantom_plugin.modeling import counts, devices  # noqa: E402
 
 # Dense BF16 tensor-core peak without sparsity, NVIDIA datasheets (TFLOP/s).
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -219,7 +220,8 @@ def main(argv=None) -> int:
     ap.add_argument("--net-gbs", type=float, default=50.0,
                     help="GB/s per direction per GPU across nodes (one 400 Gb/s NDR InfiniBand NIC per GPU)")
     ap.add_argument("--peak-tflops", type=float, default=None)
-    ap.add_argument("--preset", default="h100-sxm-bf16", help="energy preset for the bytes' pJ/byte")
+    ap.add_argument("--preset", default="h100-sxm", choices=sorted(devices.DEVICES),
+                    help="device whose pJ/byte prices the extrapolated bytes (modeled)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop measuring new shapes after this")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU, no energy")
     args = ap.parse_args(argv)
@@ -237,7 +239,7 @@ def main(argv=None) -> int:
         card, min_s = torch.cuda.get_device_name(device), args.window_s
         meter = energy.EnergyMeter(device)
     peak, peak_src = peak_tflops(card, args.peak_tflops)
-    preset = energy.PRESETS[args.preset]
+    preset = devices.DEVICES[args.preset]
     args.pj_per_byte = preset.pj_per_byte
     big = 8192 if not args.dry_run else 256
     a, b = torch.randn(big, big, device=device, dtype=dtype), torch.randn(big, big, device=device, dtype=dtype)

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def _rank(rank, ws, mode, width, depth, ghosts, batch):
     import torch
     import torch.distributed as dist
-    from phantom_plugin.bench.probe import _ghost_exchange
+    from phantom_plugin.bench.probe import ghost_exchange
     from phantom_plugin.bench.workload import RunSpec, build_model, make_optimizer, teacher_batch
     spec = RunSpec(mode=mode, width=width, depth=depth, ghost_dim=ghosts, batch=batch, steps=10)
     model = build_model(spec, dist.group.WORLD, torch.device("cpu"), torch.float32)
@@ -28,7 +28,7 @@ def _rank(rank, ws, mode, width, depth, ghosts, batch):
     t = {"fwd": [], "bwd": [], "adam": [], "total": []}
     for i in range(25):
         dist.barrier()
-        local = _ghost_exchange("local", rank, ws, [0.0]) if mode == "phantom" else contextlib.nullcontext()
+        local = ghost_exchange("local", rank, ws, [0.0]) if mode == "phantom" else contextlib.nullcontext()
         with local:
             t0 = time.perf_counter()
             loss = torch.nn.functional.mse_loss(model(x), y)

@@ -13,9 +13,7 @@ import torch.distributed as dist
 
 from . import comm
 
-__all__ = ["resolve_group", "agree_across_group", "DTYPE_CODES"]
-
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+__all__ = ["resolve_group", "agree_across_group"]
 
 
 def resolve_group(group: Optional[dist.ProcessGroup], who: str) -> tuple[int, int]:

@@ -47,6 +47,7 @@ from . import comm
 from .checks import resolve_group
 from .edge import PhantomEdgeLinear, dense_parts, fused_row_order, meta_template
 from .layers import PhantomLinear
+from .shapes import divisibility_error, ghost_dim_error
 
 __all__ = ["PhantomEdgeLinear", "Conversion", "convert_modules", "check_convertible", "find_matches",
            "restore_dense", "parameter_sources", "ELEMENTWISE", "MLP_CHILDREN", "FUSED_CHUNKS"]
@@ -168,14 +169,14 @@ def _check_sizes(plan: _Plan, p: int, k: int) -> None:
         n_in, n_out = _features(lin)
         chunks = FUSED_CHUNKS.get(child, 1) if plan.kind == "mlp" else 1
         where = f"module '{plan.name}', layer '{child}' ({n_in} -> {n_out})"
-        for what, n in (("in_features", n_in), ("out_features", n_out)):
-            if n % p:
-                raise ValueError(f"{where}: {what}={n} is not divisible by the phantom group "
-                                 f"size {p}; choose a size that divides it")
-        if chunks > 1 and (n_out // chunks) % p:
-            raise ValueError(f"{where}: each of its {chunks} fused outputs ({n_out // chunks}) "
-                             f"must be divisible by the phantom group size {p}; choose a size "
-                             "that divides it")
+        widths = [("in_features", n_in), ("out_features", n_out)]
+        if chunks > 1:
+            widths.append((f"out_features/{chunks} (each of its {chunks} fused outputs)", n_out // chunks))
+        for what, n in widths:
+            error = divisibility_error(what, n, p, by="phantom group size",
+                                       fix=f"choose a phantom group size that divides {n}")
+            if error:
+                raise ValueError(f"{where}: {error}")
 
 
 def _check_ghosts(plans: Sequence[_Plan], p: int, k: int) -> None:
@@ -184,10 +185,10 @@ def _check_ghosts(plans: Sequence[_Plan], p: int, k: int) -> None:
         return
     n_in, where = max((_features(lin)[0], f"{plan.name}.{child}")
                       for plan in plans for child, lin, _, _ in plan.layers)
-    if k > n_in // p:
-        raise ValueError(f"ghost_neurons={k} exceeds in_features/size of every converted layer "
-                         f"(largest: '{where}', {n_in}/{p} = {n_in // p}); lower ghost_neurons "
-                         "(k = in_features/size already makes a layer exact)")
+    error = ghost_dim_error(k, n_in, p, name="ghost_neurons", bound="in_features/size of every converted layer",
+                            where=f"largest: '{where}'")
+    if error:
+        raise ValueError(error)
 
 
 def _ghosts(lin: nn.Module, p: int, k: int) -> int:

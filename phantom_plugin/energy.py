@@ -18,9 +18,10 @@ a device that several ranks share once. Sources, tried in order (``docs/benchmar
   counts each host once.
 * otherwise ``energy_j = None`` with the ``reason``. Never an estimate in that field.
 
-A *modeled* energy (FLOPs and bytes from :mod:`phantom_plugin.modeling.counts` times stated per-FLOP and
-per-byte energies of a named :class:`DevicePreset`) is a separate function whose results go in
-fields named ``*_modeled``.
+This module only measures. The *modeled* energy (FLOPs and bytes from
+:mod:`phantom_plugin.modeling.counts` times a device's stated per-FLOP and per-byte energies) is
+:func:`phantom_plugin.modeling.energy_model.modeled_energy_j`, whose results go in fields named
+``*_modeled``.
 """
 from __future__ import annotations
 
@@ -31,8 +32,7 @@ import socket
 import time
 from typing import Callable, Optional
 
-__all__ = ["Measurement", "EnergyMeter", "sum_over_group", "DevicePreset", "PRESETS",
-           "modeled_energy_j", "UPDATE_PERIOD_S"]
+__all__ = ["Measurement", "EnergyMeter", "sum_over_group", "UPDATE_PERIOD_S"]
 
 UPDATE_PERIOD_S = {"nvml": 0.1, "amdsmi": 0.001, "rapl": 0.001}
 """Counter update period per source, seconds (NVML: the slow end of its 10-100 ms; RAPL ~1 ms)."""
@@ -337,34 +337,3 @@ def sum_over_group(m: Measurement, group) -> Measurement:
                        "; ".join(f"ranks {rs}: {why}" for why, rs in missing.items()) or None, any(x["short_window"] for x in ms),
                        sum(x["cpu_time_s"] for x in ms))
 
-
-# --- modeled energy ---------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class DevicePreset:
-    """Per-FLOP and per-byte energies of a named device, each with where it comes from."""
-    name: str
-    pj_per_flop: float
-    pj_per_byte: float
-    flop_source: str
-    byte_source: str
-
-
-_LINK = ("assumption, not a measurement: 10 pJ/bit = 80 pJ/byte sent, the order of magnitude of "
-         "off-package SerDes signalling plus switching; override with DevicePreset(...)")
-PRESETS = {
-    "h100-sxm-bf16": DevicePreset(
-        "h100-sxm-bf16", 700 / 989.4e12 * 1e12, 80.0,
-        "derived: NVIDIA H100 SXM5 datasheet max TDP 700 W / dense BF16 peak 989.4 TFLOP/s "
-        "= 0.71 pJ/FLOP (full board power at the peak rate)", _LINK),
-    "a100-sxm-bf16": DevicePreset(
-        "a100-sxm-bf16", 400 / 312e12 * 1e12, 80.0,
-        "derived: NVIDIA A100 SXM4 datasheet max TDP 400 W / dense BF16 peak 312 TFLOP/s "
-        "= 1.28 pJ/FLOP", _LINK),
-}
-
-
-def modeled_energy_j(flops: float, bytes_sent: float, preset: str | DevicePreset = "h100-sxm-bf16") -> float:
-    """``flops * pJ/FLOP + bytes_sent * pJ/byte`` of ``preset``, in joules. Always a *modeled* figure."""
-    p = PRESETS[preset] if isinstance(preset, str) else preset
-    return (flops * p.pj_per_flop + bytes_sent * p.pj_per_byte) * 1e-12

@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import blocks, comm, init, ops
-from .checks import DTYPE_CODES, agree_across_group, resolve_group
+from . import blocks, comm, dtypes, init, ops
+from .checks import agree_across_group, resolve_group
+from .shapes import divisibility_error, ghost_dim_error
 
 __all__ = ["PhantomLinear", "PhantomFFN", "mark_tensor_parallel"]
 
@@ -64,7 +65,7 @@ class PhantomLinear(nn.Module):
         error = _shape_error(in_features, out_features, ghost_dim, p, dtype)
         agreed = agree_across_group(group, p, who, {
             "in_features": in_features, "out_features": out_features, "ghost_dim": ghost_dim,
-            "bias": bool(bias), "dtype": DTYPE_CODES.get(dtype, -1), "seed_given": int(given),
+            "bias": bool(bias), "dtype": _dtype_code(dtype), "seed_given": int(given),
             "seed": seed if given else _draw_seed()}, error, adopt=() if given else ("seed",))
         seed = agreed["seed"]
         self.in_features, self.out_features, self.ghost_dim = in_features, out_features, ghost_dim
@@ -185,17 +186,22 @@ def _shape_error(n_in: int, n_out: int, k: int, p: int, dtype: torch.dtype) -> O
     if n_in < 1 or n_out < 1:
         return f"in_features={n_in} and out_features={n_out} must be positive"
     for name, n in (("in_features", n_in), ("out_features", n_out)):
-        if n % p:
-            return (f"{name}={n} is not divisible by the group size p={p}; choose a multiple of "
-                    f"{p} or a group size that divides {n}")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        return f"ghost_dim must be an integer >= 1, got {k!r}"
-    if p > 1 and k > n_in // p:
-        return (f"ghost_dim={k} exceeds in_features/p = {n_in}/{p} = {n_in // p}; a larger k "
-                "adds nothing (the factorisation is exact at in_features/p); lower ghost_dim")
-    if dtype not in DTYPE_CODES:
-        return f"dtype {dtype} is not supported; use float32, float64, bfloat16 or float16"
+        error = divisibility_error(name, n, p)
+        if error:
+            return error
+    error = ghost_dim_error(k, n_in, p)
+    if error:
+        return error
+    if dtypes.of_torch(dtype) is None:
+        return (f"dtype {dtype} is not supported; use "
+                + ", ".join(d.torch_name for d in dtypes.DTYPES.values()))
     return None
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    """The dtype's :attr:`phantom_plugin.dtypes.DType.code` (-1 when unsupported), compared across ranks."""
+    entry = dtypes.of_torch(dtype)
+    return -1 if entry is None else entry.code
 
 
 _ACT: dict[str, Callable] = {"relu": torch.relu, "gelu": nn.functional.gelu,

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from phantom_plugin.cli import plan
-from phantom_plugin.modeling import counts, datasheet, step_model
+from phantom_plugin.modeling import counts, datasheet, devices, step_model
 
-H100 = datasheet.SHEETS["h100-sxm"]
+H100 = devices.DEVICES["h100-sxm"]
 LINK = datasheet.Link(bytes_per_s=100e9, latency_s=5e-6, words="test link")
 
 

@@ -9,6 +9,7 @@ import torch
 
 from dist_utils import run_ranks
 from phantom_plugin import energy
+from phantom_plugin.modeling import devices, energy_model
 
 
 class _NVMLError(Exception):
@@ -143,10 +144,10 @@ def test_window_misuse_raises():
 
 
 def test_modeled_energy_is_flops_and_bytes_times_stated_constants():
-    p = energy.PRESETS["h100-sxm-bf16"]
+    p = devices.DEVICES["h100-sxm"]
     assert p.pj_per_flop == pytest.approx(700 / 989.4)
-    assert energy.modeled_energy_j(1e12, 1e9, p) == pytest.approx(p.pj_per_flop + 1e9 * p.pj_per_byte * 1e-12)
-    assert all(q.flop_source and q.byte_source for q in energy.PRESETS.values())
+    assert energy_model.modeled_energy_j(1e12, 1e9, p) == pytest.approx(p.pj_per_flop + 1e9 * p.pj_per_byte * 1e-12)
+    assert all(q.flop_source and q.byte_source for q in devices.DEVICES.values())
 
 
 def _sum_rank(rank, world_size):

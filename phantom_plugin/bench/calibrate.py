@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import comm
+from .. import comm, dtypes
 from ..modeling import step_model
-from .workload import _DTYPES, quiet_third_party, sync
+from .workload import quiet_third_party, sync
 
 __all__ = ["calibrate_rank"]
 
@@ -303,7 +303,7 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
     quiet_third_party()
     group = dist.group.WORLD
     device = comm.collective_device(group)   # the launcher set each NCCL rank's device
-    dt = _DTYPES[dtype]
+    dt = dtypes.torch_dtype(dtype)
     torch.manual_seed(rank)
     colls = [t for t in terms if isinstance(t, step_model.Collective)]
     for f in terms:

@@ -23,9 +23,9 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import comm, energy
+from .. import comm, dtypes, energy
 from .runner import energy_fields
-from .workload import (_DTYPES, RunSpec, build_model, count_params, machine_description, model_cost,
+from .workload import (RunSpec, build_model, count_params, machine_description, model_cost,
                        peak_memory, quiet_third_party, sync)
 
 __all__ = ["PHASES", "infer_rank", "percentile"]
@@ -53,7 +53,7 @@ def infer_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
     quiet_third_party()
     group = dist.group.WORLD
     device = comm.collective_device(group)   # the launcher set each NCCL rank's device
-    dtype = _DTYPES[spec.dtype]
+    dtype = dtypes.torch_dtype(spec.dtype)
     meter = meter if meter is not None else energy.EnergyMeter(device)
     model = build_model(spec, group, device, dtype).eval()
     records = []

@@ -22,8 +22,11 @@ import traceback
 
 import torch.multiprocessing as mp
 
+__all__ = ["run_ranks", "default_threads", "bound_cores", "free_port"]
+
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous (:func:`run_ranks`, tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

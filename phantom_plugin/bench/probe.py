@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from .. import comm
 
-__all__ = ["probe_rank", "gemm_rate"]
+__all__ = ["probe_rank", "gemm_rate", "ghost_exchange"]
 
 
 def gemm_rate(m: int, k: int, n: int, dtype, device, reps: int = 15) -> float:
@@ -69,8 +69,17 @@ class _TimedHandle:
 
 
 @contextlib.contextmanager
-def _ghost_exchange(mode: str, rank: int, p: int, acc: list):
-    """``mode="real"``: time ``wait()`` of the ghost collectives; ``"local"``: replace them by copies."""
+def ghost_exchange(mode: str, rank: int, p: int, acc: list):
+    """Inside the block, the phantom layers' ghost collectives (tags ``ghosts_fwd`` /
+    ``ghosts_bwd`` of :mod:`phantom_plugin.comm`) on rank ``rank`` of ``p`` run another way;
+    every other collective is untouched.
+
+    ``mode="real"``: they run as usual, and the seconds spent blocked in their ``wait()`` are added
+    to ``acc[0]``. ``mode="local"``: each is replaced by a local copy of the shape it would return
+    (all-gather ``[B, k] -> [p, B, k]``, reduce-scatter ``[p, B, k] -> [B, k]``): the step without
+    ghost communication. Patches ``comm.all_gather`` / ``comm.reduce_scatter`` for the block
+    (not thread-safe; bench instrumentation only).
+    """
     ag, rs = comm.all_gather, comm.reduce_scatter
 
     def all_gather(x, group, *, async_op=False, tag=""):
@@ -153,7 +162,7 @@ def probe_rank(model, opt, spec, group, device, dtype, rounds: int = 6, per_roun
                 dist.barrier(group)
                 for _ in range(per_round):
                     acc = [0.0]
-                    with _ghost_exchange(mode, rank, p, acc):
+                    with ghost_exchange(mode, rank, p, acc):
                         t[mode].append(_timed(lambda: train_step(model, opt, x, y), device))
                     if mode == "real":
                         t["wait"].append(acc[0])

@@ -20,9 +20,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import comm, energy
-from ..modeling import counts
-from .workload import (_DTYPES, SMOOTH, RunSpec, build_model, count_params, machine_description, make_optimizer,
+from .. import comm, dtypes, energy
+from ..modeling import counts, energy_model
+from .workload import (SMOOTH, RunSpec, build_model, count_params, machine_description, make_optimizer,
                        model_cost, peak_memory, quiet_third_party, sync, teacher_batch, train_step)
 
 __all__ = ["train_rank", "energy_fields"]
@@ -42,7 +42,7 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
     group = dist.group.WORLD
     # the launcher sets each NCCL rank's CUDA device first; a gloo run stays on the CPU
     device = comm.collective_device(group)
-    dtype = _DTYPES[spec.dtype]
+    dtype = dtypes.torch_dtype(spec.dtype)
     meter = meter if meter is not None else energy.EnergyMeter(device)
     model = build_model(spec, group, device, dtype)
     opt = make_optimizer(model, spec.lr)
@@ -103,8 +103,7 @@ def energy_fields(window, n_timed: int, mc: counts.Cost, p: int, preset_name: st
     """The energy fields of a run record: ``window`` measured over ``n_timed`` steps (all ranks,
     or a reason why not), and the modeled energy of ``mc`` on ``p`` ranks, labelled as modeled."""
     e_meas = getattr(window, "energy_j", None)
-    modeled_step = energy.modeled_energy_j(mc.flops, mc.bytes_sent, preset_name)
-    preset = energy.PRESETS[preset_name]
+    modeled_step = energy_model.modeled_energy_j(mc.flops, mc.bytes_sent, preset_name)
     return {
         "energy_j": e_meas,
         "energy_j_per_step": None if e_meas is None else e_meas / n_timed,
@@ -115,8 +114,7 @@ def energy_fields(window, n_timed: int, mc: counts.Cost, p: int, preset_name: st
         "energy_window_s": getattr(window, "time_s", None), "energy_window_steps": n_timed,
         "energy_j_modeled": modeled_step * n_timed * p,
         "energy_j_modeled_per_step": modeled_step * p,
-        "energy_model": (f"modeled, all {p} ranks, preset {preset.name}: {preset.pj_per_flop:.3g} pJ/FLOP "
-                         f"({preset.flop_source}); {preset.pj_per_byte:.3g} pJ/byte ({preset.byte_source})"),
+        "energy_model": f"modeled, all {p} ranks, {energy_model.describe(preset_name)}",
     }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from .. import init
 from .. import ops
 from ..layers import _ACT
+from ..shapes import divisibility_error
 
 __all__ = ["MegatronTPFFN", "megatron_config"]
 
@@ -40,8 +41,9 @@ class MegatronTPFFN(nn.Module):
         super().__init__()
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         p = dist.get_world_size(group) if dist.is_initialized() else 1
-        if width % p:
-            raise ValueError(f"MegatronTPFFN: width={width} is not divisible by the group size {p}")
+        error = divisibility_error("width", width, p)
+        if error:
+            raise ValueError(f"MegatronTPFFN: {error}")
         cfg = megatron_config(p, dtype)
         self.act = _ACT[activation] if isinstance(activation, str) else activation
         self.depth, self.group = depth, group

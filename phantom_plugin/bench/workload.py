@@ -18,15 +18,14 @@ from typing import Optional
 
 import torch
 
-from .. import energy
+from .. import dtypes
 from ..layers import PhantomFFN
-from ..modeling import counts
+from ..modeling import counts, devices
 from ..optim import param_groups
 
 __all__ = ["RunSpec", "SMOOTH", "teacher_batch", "machine_description", "count_params", "model_cost",
            "sync", "build_model", "make_optimizer", "train_step", "peak_memory", "quiet_third_party"]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 SMOOTH = 10   # steps in the running mean that defines "final loss" and "reached the target"
 
 
@@ -36,8 +35,10 @@ class RunSpec:
 
     ``target_loss``: stop once the mean of the last ``SMOOTH`` losses is at or below it (``steps``
     is then the limit). ``probe``: after training, measure the dense GEMM rate and (phantom) how
-    much ghost communication the local GEMMs hide (:mod:`.probe`). ``energy_preset``: device
-    preset of the modeled energy (:data:`phantom_plugin.energy.PRESETS`).
+    much ghost communication the local GEMMs hide (:mod:`.probe`). ``dtype``: a short name of
+    :data:`phantom_plugin.dtypes.DTYPES`.
+    ``energy_preset``: the device whose figures price the modeled energy (a key of
+    :data:`phantom_plugin.modeling.devices.DEVICES`).
     """
     mode: str
     width: int
@@ -52,17 +53,18 @@ class RunSpec:
     activation: str = "gelu"
     target_loss: Optional[float] = None
     probe: bool = False
-    energy_preset: str = "h100-sxm-bf16"
+    energy_preset: str = "h100-sxm"
 
     def __post_init__(self):
         if self.mode not in ("tp", "phantom"):
             raise ValueError(f"RunSpec.mode must be 'tp' or 'phantom', got {self.mode!r}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"RunSpec.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in dtypes.DTYPES:
+            raise ValueError(f"RunSpec.dtype must be one of {', '.join(dtypes.DTYPES)}, got {self.dtype!r}")
         if self.steps <= self.warmup:
             raise ValueError(f"RunSpec.steps={self.steps} must exceed warmup={self.warmup}")
-        if self.energy_preset not in energy.PRESETS:
-            raise ValueError(f"RunSpec.energy_preset must be one of {sorted(energy.PRESETS)}")
+        if self.energy_preset not in devices.DEVICES:
+            raise ValueError(f"RunSpec.energy_preset must be one of {', '.join(sorted(devices.DEVICES))} "
+                             f"(device keys; phantom-bench --energy-preset), got {self.energy_preset!r}")
 
 
 # Third-party warnings that say nothing about a run: megatron-core's import-time notice that neither
@@ -105,7 +107,7 @@ def count_params(model: torch.nn.Module, p: int) -> int:
 
 def model_cost(spec: RunSpec, p: int) -> counts.Cost:
     """The cost model's figures for ``spec`` on ``p`` ranks (per rank, per step)."""
-    elt = _DTYPES[spec.dtype].itemsize
+    elt = dtypes.DTYPES[spec.dtype].bytes
     if spec.mode == "phantom":
         return counts.phantom_ffn_cost(spec.width, spec.depth, p=p, k=spec.ghost_dim, batch=spec.batch,
                                      dtype_bytes=elt)

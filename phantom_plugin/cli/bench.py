@@ -21,6 +21,9 @@ import os
 import shlex
 import sys
 
+from ..dtypes import DTYPES
+from ..modeling.devices import DEVICES
+
 __all__ = ["main", "parse_args"]
 
 
@@ -40,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the timings")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "fp64"])
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--modes", default="tp,phantom", help="tp, phantom or both")
     ap.add_argument("--recipe", default="grid", choices=["grid", "e1", "e2"],
                     help="grid: every point; e1: phantom vs TP at equal n and p, with time to a target "
@@ -57,7 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--bind-cores", action="store_true",
                     help="run each rank's compute on cores of its own (ranks x threads <= usable cores; "
                          "steadier CPU timings)")
-    ap.add_argument("--energy-preset", default="h100-sxm-bf16", help="device preset of the modeled energy")
+    ap.add_argument("--energy-preset", default="h100-sxm", choices=sorted(DEVICES),
+                    help="device whose datasheet figures price the modeled energy (pJ/FLOP from its max "
+                         "board power over its peak BF16 rate, pJ/byte an assumption; labelled modeled)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     ap.add_argument("--out", default="bench_out", help="output folder")
     ap.add_argument("--no-progress", action="store_true")

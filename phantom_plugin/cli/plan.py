@@ -21,8 +21,11 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .. import dtypes
 from ..modeling import counts
-from ..modeling.datasheet import GPUS_PER_NODE, SHEETS, extrapolate
+from ..modeling.datasheet import GPUS_PER_NODE, extrapolate
+from ..modeling.devices import DEVICES
+from ..shapes import divisibility_error, ghost_dim_error
 
 __all__ = ["main", "plan_table", "k_time_to_loss_hint"]
 
@@ -36,7 +39,7 @@ def _fmt(n: float) -> str:
 
 def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str) -> str:
     """Markdown table of :func:`counts.tp_ffn_cost` against :func:`counts.phantom_ffn_cost`."""
-    elt = counts.DTYPE_BYTES[dtype]
+    elt = dtypes.lookup(dtype).bytes
     tp = counts.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt)
     ph = counts.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)
     rows = [
@@ -92,7 +95,7 @@ def _hint_note(hint: dict, ghosts: int) -> str:
 def plan_dict(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,
               prediction: Optional[dict] = None) -> dict:
     """The plan as JSON-ready data: both models' counts, and the calibrated prediction if given."""
-    elt = counts.DTYPE_BYTES[dtype]
+    elt = dtypes.lookup(dtype).bytes
     models = {"tp": counts.tp_ffn_cost(width, depth, p=ranks, batch=batch, dtype_bytes=elt),
               "phantom": counts.phantom_ffn_cost(width, depth, p=ranks, k=ghosts, batch=batch, dtype_bytes=elt)}
     out = {"width": width, "depth": depth, "ranks": ranks, "ghosts": ghosts, "batch": batch, "dtype": dtype,
@@ -208,7 +211,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--ranks", type=int, required=True, help="group size p")
     ap.add_argument("--ghosts", type=int, help="ghost neurons per rank k (omit with a budget to get a suggestion)")
     ap.add_argument("--batch", type=int, default=1, help="samples (or tokens) per step")
-    ap.add_argument("--dtype", default="fp32", choices=sorted(counts.DTYPE_BYTES))
+    ap.add_argument("--dtype", default="fp32", choices=dtypes.names(torch_names=True))
     ap.add_argument("--param-budget", type=float, help="suggest the largest k with params <= this fraction of TP's")
     ap.add_argument("--traffic-budget", type=float, help="suggest the largest k with bytes <= this fraction of TP's")
     ap.add_argument("--calibrate", action="store_true",
@@ -218,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="--calibrate with each rank on cores of its own, as phantom-bench --bind-cores")
     ap.add_argument("--activation", default="gelu", choices=["gelu", "relu", "silu", "tanh"],
                     help="activation between layers (--calibrate)")
-    ap.add_argument("--datasheet", choices=sorted(SHEETS),
+    ap.add_argument("--datasheet", choices=sorted(DEVICES),
                     help="also extrapolate both models' step time on --ranks GPUs of this device from its "
                          "datasheet rates (not measured)")
     ap.add_argument("--gemm-efficiency", type=float,
@@ -235,8 +238,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("width", "depth", "ranks", "batch"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be >= 1")
-    if a.width % a.ranks:
-        ap.error(f"--width {a.width} is not divisible by --ranks {a.ranks}")
+    error = divisibility_error("--width", a.width, a.ranks, by="group size (--ranks)",
+                               fix=f"choose a --width that is a multiple of {a.ranks}, or --ranks that divides it")
+    if error:
+        ap.error(error)
     ghosts = a.ghosts
     if a.param_budget is not None or a.traffic_budget is not None:
         try:
@@ -252,8 +257,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"suggested --ghosts {ghosts} ({why})\n")
     if ghosts is None:
         ap.error("give --ghosts K, or --param-budget / --traffic-budget to have k suggested")
-    if not 1 <= ghosts <= a.width // a.ranks:
-        ap.error(f"--ghosts must be between 1 and width/ranks = {a.width // a.ranks}")
+    error = ghost_dim_error(ghosts, a.width, a.ranks, name="--ghosts", bound="--width/--ranks")
+    if error:
+        ap.error(error)
     given = [f"--{n.replace('_', '-')}" for n in ("gemm_efficiency", "link_gbs", "link_latency_us")
              if getattr(a, n) is not None]
     if given and not a.datasheet:

@@ -18,6 +18,7 @@ from deepspeed.runtime.config_utils import DeepSpeedConfigModel
 from pydantic import Field, StrictBool, StrictInt, StrictStr, ValidationError, field_validator, model_validator
 
 from ..optim import KINDS
+from .routing import COMM_DTYPES
 
 __all__ = ["SECTION", "PhantomParallelConfig", "PhantomConfigError", "load_section", "load_ds_config",
            "check_run", "world_size_from_env"]
@@ -32,7 +33,8 @@ _HELP = {
     "target_modules": "use a non-empty list of regular expressions over module names, e.g. [\"mlp\"]",
     "init_from_dense": "use true (truncated SVD of the dense weights) or false (fresh seeded weights)",
     "seed": "use an integer (seed of fresh phantom weights when init_from_dense is false)",
-    "comm_dtype": "use null (the layers' dtype), \"fp32\", \"bf16\" or \"fp16\"",
+    "comm_dtype": (f"use null (the layers' dtype), {', '.join(json.dumps(n) for n in list(COMM_DTYPES)[:-1])} "
+                   f"or {json.dumps(list(COMM_DTYPES)[-1])}"),
     "log_interval": "use an integer >= 0, optimizer steps between monitor events (0: off)",
     "lr_multipliers": ("use \"auto\" (compressors and decompressors at lr x 1/(1+k/(in_features/size)), "
                        "phantom_plugin.param_groups' rule), false (one lr for every parameter) or an "
@@ -53,7 +55,7 @@ class PhantomParallelConfig(DeepSpeedConfigModel):
     target_modules: list[StrictStr] = Field(default_factory=list)
     init_from_dense: StrictBool = True
     seed: StrictInt = 0
-    comm_dtype: Optional[Literal["fp32", "bf16", "fp16"]] = None
+    comm_dtype: Optional[Literal[tuple(COMM_DTYPES)]] = None     # "fp32", "bf16" or "fp16"
     log_interval: StrictInt = Field(0, ge=0)
     lr_multipliers: Union[Literal["auto", "off"], dict[str, float]] = "auto"
     """``"auto"``, ``"off"`` (given as false, null or "off") or ``{kind: multiplier}``; see :mod:`.lr_groups`."""

@@ -12,9 +12,13 @@ from typing import Optional
 
 import torch
 
+from .. import dtypes
+
 __all__ = ["DeepSpeedRoute", "COMM_DTYPES"]
 
-COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMM_DTYPES = {name: dtypes.torch_dtype(name) for name, d in dtypes.DTYPES.items() if d.bytes <= 4}
+"""``comm_dtype`` name -> wire ``torch.dtype``: the dtypes of :data:`phantom_plugin.dtypes.DTYPES`
+that keep or narrow fp32 (fp64 never narrows a wire)."""
 
 
 class _CastBack:

@@ -34,6 +34,7 @@ from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
 
 from .. import comm, ops
 from ..layers import PhantomLinear
+from ..shapes import divisibility_error, ghost_dim_error
 
 __all__ = ["PhantomMLP", "PhantomCheckpointError", "resolve_tp_group"]
 
@@ -279,8 +280,9 @@ def _check_args(config, k, is_expert, input_size, h, ffn, p) -> None:
     if k is None:
         raise ValueError(f"{who}: ghost_dim is required; build the spec with "
                          "with_phantom_mlp(spec, ghost_dim=k) or get_gpt_layer_phantom_spec(ghost_dim=k)")
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"{who}: ghost_dim must be an integer >= 1, got {k!r}")
+    error = ghost_dim_error(k, 0, 1)         # p = 1: the integer rule only; the bound is checked below
+    if error:
+        raise ValueError(f"{who}: {error}")
     if is_expert:
         raise ValueError(f"{who}: is_expert=True: MoE experts are not replaced; with_phantom_mlp "
                          "leaves MoE layers on megatron's own modules")
@@ -290,12 +292,12 @@ def _check_args(config, k, is_expert, input_size, h, ffn, p) -> None:
     if ffn is None:
         raise ValueError(f"{who}: config.ffn_hidden_size is None; set it in the TransformerConfig")
     for name, n in (("config.hidden_size", h), ("ffn_hidden_size", ffn)):
-        if n % p:
-            raise ValueError(f"{who}: {name}={n} is not divisible by the tensor-parallel size {p}; "
-                             f"choose a multiple of {p}")
-    if p > 1 and k > min(h, ffn) // p:
-        raise ValueError(f"{who}: ghost_dim={k} exceeds min(hidden_size, ffn_hidden_size)/p = "
-                         f"{min(h, ffn)}/{p} = {min(h, ffn) // p}; lower ghost_dim")
+        error = divisibility_error(name, n, p, by="tensor-parallel size", fix=f"choose a multiple of {p}")
+        if error:
+            raise ValueError(f"{who}: {error}")
+    error = ghost_dim_error(k, min(h, ffn), p, bound="min(hidden_size, ffn_hidden_size)/p")
+    if error:
+        raise ValueError(f"{who}: {error}")
     if getattr(config, "use_te_activation_func", False):
         raise ValueError(f"{who}: config.use_te_activation_func=True is not supported; set it to "
                          "False (the activation is applied on the local shard with config.activation_func)")

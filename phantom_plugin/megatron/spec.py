@@ -32,6 +32,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from ..shapes import ghost_dim_error
 from .mlp import PhantomMLP
 
 __all__ = ["with_phantom_mlp", "get_gpt_layer_phantom_spec", "count_phantom_mlps", "NORM_KEY_MAP"]
@@ -187,8 +188,9 @@ def with_phantom_mlp(spec: Spec, *, ghost_dim: int, seed: int = 0, norm=None) ->
         ValueError: nothing to swap (e.g. an all-MoE spec); the message lists what each layer holds.
         TypeError: ``spec`` is not a spec.
     """
-    if not isinstance(ghost_dim, int) or isinstance(ghost_dim, bool) or ghost_dim < 1:
-        raise ValueError(f"with_phantom_mlp: ghost_dim must be an integer >= 1, got {ghost_dim!r}")
+    error = ghost_dim_error(ghost_dim, 0, 1)   # the integer rule; the widths bound k when the MLPs are built
+    if error:
+        raise ValueError(f"with_phantom_mlp: {error}")
     out = copy.deepcopy(spec)
     found: list = []
     if _swap(out, ghost_dim, seed, norm, found) == 0:

@@ -17,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-__all__ = ["Message", "Cost", "phantom_linear_cost", "phantom_ffn_cost", "tp_ffn_cost",
-           "phantom_mlp_cost", "tp_mlp_cost", "suggest_ghost_dim", "DTYPE_BYTES"]
+from ..shapes import divisibility_error
 
-DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-               "fp64": 8, "float64": 8}
+__all__ = ["Message", "Cost", "phantom_linear_cost", "phantom_ffn_cost", "tp_ffn_cost",
+           "phantom_mlp_cost", "tp_mlp_cost", "suggest_ghost_dim"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +73,9 @@ def _ring(op: str, direction: str, values: int, p: int, elt: int) -> Message:
 
 
 def _check(n: int, p: int, name: str) -> None:
-    if n % p:
-        raise ValueError(f"{name}={n} is not divisible by ranks={p}")
+    error = divisibility_error(name, n, p)
+    if error:
+        raise ValueError(error)
 
 
 def phantom_linear_cost(n_in: int, n_out: int, *, p: int, k: int, batch: int, dtype_bytes: int = 4,

@@ -1,6 +1,7 @@
 """Step time on a GPU from its datasheet, not measured: the terms of :mod:`phantom_plugin.modeling.step_model`
 (``phantom-plan --calibrate``'s model) priced at a device's published peak rates and a stated link
-(``phantom-plan ... --datasheet h100-sxm``). Every figure it returns is **extrapolated**, and says so.
+(``phantom-plan ... --datasheet h100-sxm``; the figures are :data:`.devices.DEVICES`). Every figure
+it returns is **extrapolated**, and says so.
 
 How each term is priced (one rank, one training step):
 
@@ -27,39 +28,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from . import counts, step_model
+from .. import dtypes
+from . import devices, step_model
+from .devices import Device
 
-__all__ = ["DeviceSheet", "Link", "SHEETS", "POINTWISE_PASSES", "link_for", "term_seconds", "extrapolate"]
+__all__ = ["Link", "POINTWISE_PASSES", "ADAM_PASSES", "GPUS_PER_NODE", "NET_BYTES_PER_S", "NVLINK_LATENCY_S",
+           "NET_LATENCY_S", "link_for", "term_seconds", "extrapolate"]
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DeviceSheet:
-    """A GPU's published figures: dense matmul FLOP/s per dtype (no sparsity), memory bytes/s,
-    NVLink bytes/s per direction per GPU, and where they come from."""
-    name: str
-    matmul_flops: dict
-    memory_bytes_per_s: float
-    nvlink_bytes_per_s: float
-    source: str
-
-
-_FP32 = "fp32 at the CUDA-core FP32 rate (torch's default: TF32 off for matmuls)"
-_HOPPER = ({"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 67e12, "fp64": 67e12},
-           "BF16/FP16 tensor core 989.4 TFLOP/s dense, FP32 67, FP64 tensor core 67")
-SHEETS = {
-    "h100-sxm": DeviceSheet(
-        name="NVIDIA H100 SXM5 80GB", matmul_flops=_HOPPER[0], memory_bytes_per_s=3.35e12, nvlink_bytes_per_s=450e9,
-        source=f"NVIDIA H100 datasheet: {_HOPPER[1]}; HBM3 3.35 TB/s; NVLink 900 GB/s (450 per direction); {_FP32}"),
-    "h200-sxm": DeviceSheet(
-        name="NVIDIA H200 SXM 141GB", matmul_flops=_HOPPER[0], memory_bytes_per_s=4.8e12, nvlink_bytes_per_s=450e9,
-        source=f"NVIDIA H200 datasheet: {_HOPPER[1]}; HBM3e 4.8 TB/s; NVLink 900 GB/s (450 per direction); {_FP32}"),
-    "a100-sxm": DeviceSheet(
-        name="NVIDIA A100 SXM4 80GB",
-        matmul_flops={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "fp64": 19.5e12},
-        memory_bytes_per_s=2.039e12, nvlink_bytes_per_s=300e9,
-        source="NVIDIA A100 datasheet: BF16/FP16 tensor core 312 TFLOP/s dense, FP32 19.5, FP64 tensor "
-               f"core 19.5; HBM2e 2,039 GB/s; NVLink 600 GB/s (300 per direction); {_FP32}"),
-}
 
 # passes over a [rows, cols] tensor, each a read or a write of every element
 POINTWISE_PASSES = {"act": 5,        # forward: read h, write y; backward: read h and dy, write dh
@@ -86,7 +61,7 @@ class Link:
         return self.latency_s + bytes_sent / self.bytes_per_s
 
 
-def link_for(sheet: DeviceSheet, p: int, *, gpus_per_node: int = GPUS_PER_NODE,
+def link_for(sheet: Device, p: int, *, gpus_per_node: int = GPUS_PER_NODE,
              bytes_per_s: Optional[float] = None, latency_s: Optional[float] = None) -> Link:
     """The link of a group of ``p`` GPUs: NVLink (the sheet's, per direction) when the group fits in
     one node of ``gpus_per_node``, else the network per GPU (:data:`NET_BYTES_PER_S`); the latency
@@ -109,9 +84,10 @@ def link_for(sheet: DeviceSheet, p: int, *, gpus_per_node: int = GPUS_PER_NODE,
                 words=f"{words}, {lat * 1e6:g} us per collective ({'given' if latency_s is not None else 'assumed'})")
 
 
-def term_seconds(term, sheet: DeviceSheet, dtype: str, link: Link, efficiency: float = 1.0) -> float:
-    """Seconds of one :mod:`~phantom_plugin.modeling.step_model` term at the sheet's rates (module docstring)."""
-    elt = counts.DTYPE_BYTES[dtype]
+def term_seconds(term, sheet: Device, dtype: str, link: Link, efficiency: float = 1.0) -> float:
+    """Seconds of one :mod:`~phantom_plugin.modeling.step_model` term at the sheet's rates (module
+    docstring); ``dtype`` a short name of :data:`phantom_plugin.dtypes.DTYPES`."""
+    elt = dtypes.lookup(dtype, "term_seconds: dtype").bytes
     mem = sheet.memory_bytes_per_s
     if isinstance(term, step_model.Gemm):
         moved = (term.m * term.k + term.k * term.n + term.m * term.n) * elt
@@ -135,13 +111,11 @@ def term_seconds(term, sheet: DeviceSheet, dtype: str, link: Link, efficiency: f
 def extrapolate(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str, device: str, *,
                 activation: str = "gelu", efficiency: float = 1.0, link_bytes_per_s: Optional[float] = None,
                 link_latency_s: Optional[float] = None, gpus_per_node: int = GPUS_PER_NODE) -> dict:
-    """Both models' step time on ``ranks`` GPUs of ``device`` (a key of :data:`SHEETS`), per rank:
+    """Both models' step time on ``ranks`` GPUs of ``device`` (a key of :data:`.devices.DEVICES`), per rank:
     ``{"extrapolated_step_time_s": {"tp", "phantom"}, "extrapolated_ratio", "extrapolated_parts_s",
     "extrapolation": {the figures used, their sources, "label"}}``."""
-    if device not in SHEETS:
-        raise ValueError(f"datasheet: unknown device {device!r}; choose one of {sorted(SHEETS)}")
-    sheet = SHEETS[device]
-    canon = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}.get(dtype, dtype)
+    sheet = devices.device(device, "datasheet")
+    canon = dtypes.lookup(dtype, "datasheet: dtype").name
     if canon not in sheet.matmul_flops:
         raise ValueError(f"datasheet: no {dtype!r} matmul rate for {device}; use one of {sorted(sheet.matmul_flops)}")
     if not 0 < efficiency <= 1:

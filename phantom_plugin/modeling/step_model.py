@@ -29,6 +29,7 @@ import dataclasses
 import statistics
 from typing import Optional, Union
 
+from .. import dtypes
 from . import counts
 
 __all__ = ["Gemm", "Pointwise", "Optimizer", "Collective", "Wait", "Framework", "Term", "step_terms", "predict",
@@ -129,7 +130,7 @@ def step_terms(mode: str, width: int, depth: int, *, p: int, batch: int, k: int 
     ``framework=False`` leaves out the :class:`Framework` term."""
     if mode not in ("tp", "phantom"):
         raise ValueError(f"step_terms: mode must be 'tp' or 'phantom', got {mode!r}")
-    elt = counts.DTYPE_BYTES[dtype]
+    elt = dtypes.lookup(dtype, "step_terms: dtype").bytes
     n, b, m = width, batch, width // p
     terms: collections.Counter = collections.Counter()
     overlaps: list = []          # per message of the cost model, in its order: GEMMs run while it is in flight
