@@ -27,18 +27,17 @@ after the previous succeeded on this rank):
    checkpoint carries its phantom layout and loads only at that layout (:mod:`.checkpoint`);
    give the engine its route (below).
 
-Routing: each engine owns a :class:`~.routing.DeepSpeedRoute` (``deepspeed.comm``, with the
-section's ``comm_dtype`` on the wire), ``engine.phantom.route``. The route is active only while
-the engine runs phantom code for its model: ``engine.forward`` (``engine(x)``),
-``engine.backward``, ``engine.step`` -- for a pipeline engine ``train_batch`` and ``eval_batch``
---, ``save_checkpoint`` and ``load_checkpoint`` (instance attributes wrapping the engine's own
-methods, like the monitor's and the checkpoint wrappers) and
-:func:`phantom_plugin.deepspeed.export.export_dense` (:func:`routed`). Inside them every phantom
-collective goes through ``deepspeed.comm`` (DeepSpeed's ``comms_logger`` sees it); outside them
-nothing is routed, so another engine, a plain model or a benchmark in the same process uses
-torch.distributed. The conversion in step 4 runs before the engine exists, unrouted (its
-exchanges in full precision whatever ``comm_dtype`` says). A backward started by
-``loss.backward()`` itself rather than ``engine.backward`` runs outside the route.
+Routing (the rule): each engine owns a :class:`~.routing.DeepSpeedRoute` (``deepspeed.comm``,
+the section's ``comm_dtype`` on the wire), ``engine.phantom.route``, and it is active only while
+the engine runs phantom code for its model. Inside ``engine.forward`` (``engine(x)``),
+``engine.backward`` and ``engine.step`` -- ``train_batch`` and ``eval_batch`` for a pipeline
+engine --, ``save_checkpoint`` / ``load_checkpoint`` (instance attributes wrapping the engine's
+own methods, as the monitor and the checkpoint layout do) and the dense export of :mod:`.export`
+(:func:`routed`), every phantom collective goes through ``deepspeed.comm``, so DeepSpeed's
+``comms_logger`` sees it. Outside them nothing is routed: another engine, a plain model or a
+benchmark in the same process uses torch.distributed. The conversion of step 4 runs before the
+engine exists, unrouted (its exchanges in full precision whatever ``comm_dtype`` says). A backward
+started by ``loss.backward()`` itself instead of ``engine.backward`` runs unrouted too.
 """
 from __future__ import annotations
 
