@@ -3,7 +3,7 @@
 On one machine gloo's traffic goes through the loopback interface, whose transmit counter
 (``/proc/net/dev``) counts every byte any rank sent (plus TCP/IP headers, well under 1% at these
 sizes). For each collective and for one phantom FFN training step, this compares that counter
-with the sum over ranks of what :data:`phantom_plugin.comm.COUNTER` recorded. Needs a quiet
+with the sum over ranks of what a :class:`phantom_plugin.comm.CommCounter` recorded. Needs a quiet
 machine (other loopback traffic is counted too). Linux only.
 
     python benchmarks/wire_check.py [--ranks 2] [--out benchmarks/results/wire_check.json]
@@ -16,7 +16,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from phantom_plugin import COUNTER, PhantomFFN, comm
+from phantom_plugin import PhantomFFN, comm
 from phantom_plugin.bench.launch import run_ranks
 
 
@@ -49,13 +49,14 @@ def _measure(rank, p):
     rows = []
     for name, fn in cases.items():
         dist.barrier()
-        before, start = _lo_tx(), len(COUNTER.records)
-        fn()
+        before = _lo_tx()
+        with comm.CommCounter() as counter:
+            fn()
         dist.barrier()
         wire = _lo_tx() - before
-        counted = torch.tensor([sum(r.sent_bytes for r in COUNTER.records[start:])], dtype=torch.int64)
+        counted = torch.tensor([counter.sent_bytes], dtype=torch.int64)
         dist.all_reduce(counted)          # sum over ranks (plain torch call: not counted)
-        algos = sorted({r.algorithm for r in COUNTER.records[start:]})
+        algos = sorted({r.algorithm for r in counter.records})
         rows.append({"case": name, "counted_bytes_all_ranks": int(counted), "loopback_tx_bytes": wire,
                      "ratio": wire / int(counted), "algorithms": algos})
     return rows

@@ -4,7 +4,8 @@ Same seed, same data (byte-level tokens of this Python's standard-library ``.py`
 corpus every Python ships), same TP attention; only the MLP spec differs:
 ``get_gpt_layer_local_spec()`` versus ``with_phantom_mlp(get_gpt_layer_local_spec(), ghost_dim=k)``.
 Prints loss, tokens/s, bytes sent per step per rank (every collective: megatron's counted by
-``comm.intercept_torch_collectives``, the plugin's by ``comm.COUNTER``) and parameters.
+``comm.intercept_torch_collectives``, the plugin's by its own, both into a ``comm.CommCounter``) and
+parameters.
 
 CPU (gloo), 2 ranks, a few minutes::
 
@@ -103,7 +104,7 @@ def unique_params(model, only: str = "") -> int:
 
 
 def run(args, phantom: bool, train, evals, device) -> dict:
-    from phantom_plugin import COUNTER, comm
+    from phantom_plugin import comm
     model = build(args, phantom, device)
     from phantom_plugin import param_groups
     mult = None if args.factor_lr_mult is None else {"compressor": args.factor_lr_mult,
@@ -111,13 +112,13 @@ def run(args, phantom: bool, train, evals, device) -> dict:
     opt = torch.optim.AdamW(param_groups(model, args.lr, weight_decay=0.0, multipliers=mult), lr=args.lr)
     pos = torch.arange(args.seq, device=device).expand(args.batch, args.seq)
     losses, timed, t0 = [], 0, None
-    COUNTER.reset()
-    with comm.intercept_torch_collectives("megatron"):
+    with comm.CommCounter() as counter, comm.intercept_torch_collectives("megatron"):
         for step, (tok, lab) in enumerate(train):
             if step == args.warmup:                       # time and count after warm-up steps
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                t0, window = time.perf_counter(), len(COUNTER.records)
+                t0 = time.perf_counter()
+                counter.reset()
             loss = model(tok.to(device), pos, None, labels=lab.to(device)).float().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -127,7 +128,7 @@ def run(args, phantom: bool, train, evals, device) -> dict:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         timed = len(train) - args.warmup
-        records = COUNTER.records[window:]
+        records = list(counter.records)
     model.eval()
     with torch.no_grad():
         ev = sum(model(t.to(device), pos, None, labels=l.to(device)).float().mean().item() for t, l in evals)

@@ -79,22 +79,22 @@ def main() -> None:
     if rank0:
         print(f"world={dist.get_world_size()} dp={engine.dp_world_size} micro_batch={micro} "
               f"params/rank={sum(p.numel() for p in engine.module.parameters())}", flush=True)
-    comm.COUNTER.reset()
     t0, first = time.perf_counter(), None
-    for step in range(1, args.steps + 1):
-        for _ in range(engine.gradient_accumulation_steps()):
-            x = torch.randn(micro, d_in, generator=gen).to(device)   # drawn on the CPU: same on any device
-            loss = nn.functional.mse_loss(engine(x).float(), teacher(x))
-            engine.backward(loss)
-            engine.step()
-        first = loss.item() if first is None else first
-        if rank0 and (step % args.log_every == 0 or step == 1):
-            print(f"step {step:4d}  loss {loss.item():.5f}", flush=True)
+    with comm.CommCounter() as counter:          # the phantom collectives of the training loop
+        for step in range(1, args.steps + 1):
+            for _ in range(engine.gradient_accumulation_steps()):
+                x = torch.randn(micro, d_in, generator=gen).to(device)   # drawn on the CPU: same on any device
+                loss = nn.functional.mse_loss(engine(x).float(), teacher(x))
+                engine.backward(loss)
+                engine.step()
+            first = loss.item() if first is None else first
+            if rank0 and (step % args.log_every == 0 or step == 1):
+                print(f"step {step:4d}  loss {loss.item():.5f}", flush=True)
     seconds = time.perf_counter() - t0
     run = getattr(engine, "phantom", None)       # set by phantom_plugin.deepspeed.initialize
     if rank0:
-        sent = (f", phantom bytes sent by rank 0/step {comm.COUNTER.sent_bytes / args.steps:.0f}"
-                if run is not None and run.logger is None else "")
+        sent = (f", phantom bytes sent by rank 0/step {counter.sent_bytes / args.steps:.0f}"
+                if run is not None else "")
         print(f"done: loss {first:.4f} -> {loss.item():.4f} in {args.steps} steps, "
               f"{seconds / args.steps * 1e3:.1f} ms/step{sent}", flush=True)
         if run is not None and run.logger is not None and run.logger.events:

@@ -1,12 +1,20 @@
-"""Raw collectives for phantom parallelism, and the per-process byte counter.
+"""Raw collectives for phantom parallelism, and the opt-in byte counter.
 
 Every collective the plugin issues goes through this module. Each call
 
 * takes its ``group`` explicitly and returns at once when the group has one rank;
-* is recorded in :data:`COUNTER` (op, algorithm, group size, payload and bytes *sent by this
-  rank*), which tests and ``phantom-bench`` read;
-* can be routed through another backend (``deepspeed.comm`` under DeepSpeed) with
-  :func:`use_backend`, so other tools' communication loggers see it too.
+* is recorded (op, algorithm, group size, payload and bytes *sent by this rank*) into every
+  :class:`CommCounter` active at the time: none by default, so nothing is kept and recording
+  costs one check; a caller that wants the bytes opens its own counter
+  (``with comm.CommCounter() as counter: ...``);
+* goes through the backend of the innermost :func:`use_backend` block (``deepspeed.comm`` while a
+  DeepSpeed engine runs its model), so other tools' communication loggers see it too;
+* waits at most :func:`collective_timeout`'s bound, when one was set around the call, for a result
+  on the CPU.
+
+Routing, timeouts and active counters are process-wide while their ``with`` block lasts (not
+per-thread: autograd runs the backward of a CUDA graph on its own device threads) and are
+restored on leaving it; nothing is switched on at import.
 
 Bytes sent per rank assume the bandwidth-optimal ring algorithms that NCCL and gloo use: an
 all-gather or reduce-scatter of a ``p``-chunk tensor sends ``(p-1)`` chunks per rank, an
@@ -31,6 +39,7 @@ import dataclasses
 import datetime
 import functools
 import inspect
+import threading
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -39,9 +48,9 @@ import torch.distributed as dist
 from .placement import _is_gloo, collective_device, group_backends
 
 __all__ = [
-    "CommRecord", "CommCounter", "COUNTER", "Handle", "group_size", "group_rank",
+    "CommRecord", "CommCounter", "Handle", "group_size", "group_rank",
     "all_gather", "reduce_scatter", "all_reduce", "all_to_all", "use_backend",
-    "set_timeout", "intercept_torch_collectives", "collective_device", "group_backends",
+    "collective_timeout", "intercept_torch_collectives", "collective_device", "group_backends",
 ]
 
 
@@ -62,25 +71,72 @@ class CommRecord:
     tag: str = ""
 
 
-class CommCounter:
-    """Accumulates :class:`CommRecord` s. Not thread-safe; one per process is enough.
+_ACTIVE: tuple["CommCounter", ...] = ()
+"""The counters recording now (the registry :meth:`CommCounter.start` / :meth:`~CommCounter.stop`
+edit); replaced, never mutated, so a collective reads it without the lock."""
+_ACTIVE_LOCK = threading.Lock()
 
-    Totals (:attr:`sent_bytes`, :meth:`by_op`) cover every call since the last :meth:`reset`.
+
+class CommCounter:
+    """Records every collective issued while it is active; a context manager.
+
+    ``with CommCounter() as counter:`` activates it for the block: each collective this module
+    issues in the meantime (and, inside :func:`intercept_torch_collectives`, each third-party
+    ``torch.distributed`` one) adds a :class:`CommRecord` to it. Several counters may be active at
+    once, nested or overlapping: each gets every record, and each one's :meth:`reset` touches only
+    itself. Activation is process-wide, not per thread or per context, because autograd runs the
+    backward of CUDA tensors on its own device threads and their collectives must be counted too:
+    a counter active in one thread also records another thread's collectives. An owner that lives
+    across calls (the DeepSpeed monitor) uses :meth:`start` / :meth:`stop` instead of a block.
+    Leaving the block stops recording; the totals stay readable.
+
+    Totals (:attr:`sent_bytes`, :meth:`by_op`) cover every record since the last :meth:`reset`.
     The record list keeps at most ``max_records`` entries (the oldest half is dropped when it
     overflows), so a long training run does not grow it without bound; :meth:`window` still
-    returns every record of its block unless the block alone overflows the cap.
+    returns every record of its block unless the block alone overflows the cap. Adding is not
+    locked: the threads that record at once (a backward's device threads) run while the thread
+    that started them waits.
     """
 
     def __init__(self, max_records: int = 100_000) -> None:
         self.records: list[CommRecord] = []
-        self.enabled = True
         self.max_records = max_records
         self._dropped = 0
         self._bytes_by_op: dict[str, int] = {}
 
+    # --- activation ------------------------------------------------------------------------
+
+    @property
+    def active(self) -> bool:
+        """Whether collectives are being recorded into this counter now."""
+        return self in _ACTIVE
+
+    def start(self) -> "CommCounter":
+        """Record every collective from now on, until :meth:`stop`; returns the counter."""
+        global _ACTIVE
+        with _ACTIVE_LOCK:
+            if any(c is self for c in _ACTIVE):
+                raise RuntimeError("CommCounter.start: this counter is already recording; stop() "
+                                   "it first, or open a second CommCounter for the nested block")
+            _ACTIVE = _ACTIVE + (self,)
+        return self
+
+    def stop(self) -> None:
+        """Stop recording into this counter (no-op when it is not recording); totals are kept."""
+        global _ACTIVE
+        with _ACTIVE_LOCK:
+            _ACTIVE = tuple(c for c in _ACTIVE if c is not self)
+
+    def __enter__(self) -> "CommCounter":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # --- records and totals ----------------------------------------------------------------
+
     def add(self, record: CommRecord) -> None:
-        if not self.enabled:
-            return
+        """Add one record (what an active counter is given for each collective)."""
         self.records.append(record)
         self._bytes_by_op[record.op] = self._bytes_by_op.get(record.op, 0) + record.sent_bytes
         if len(self.records) > self.max_records:
@@ -89,6 +145,7 @@ class CommCounter:
             self._dropped += drop
 
     def reset(self) -> None:
+        """Drop the records and zero the totals (of this counter only)."""
         self._dropped += len(self.records)
         self.records.clear()
         self._bytes_by_op.clear()
@@ -104,17 +161,13 @@ class CommCounter:
 
     @contextlib.contextmanager
     def window(self) -> Iterator[list[CommRecord]]:
-        """Collect the records issued inside the ``with`` block into the yielded list."""
+        """Collect the records this counter gets inside the ``with`` block into the yielded list."""
         start = self._dropped + len(self.records)
         out: list[CommRecord] = []
         try:
             yield out
         finally:
             out.extend(self.records[max(0, start - self._dropped):])
-
-
-COUNTER = CommCounter()
-"""The process-wide counter every collective of this module reports to."""
 
 
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
@@ -150,7 +203,9 @@ def _torch_backend() -> _Backend:
 
 
 _BACKEND = _torch_backend()
+"""The backend of the innermost :func:`use_backend` block (torch.distributed outside any)."""
 _TIMEOUT: Optional[datetime.timedelta] = None
+"""The bound of the innermost :func:`collective_timeout` block (none outside any)."""
 
 
 @contextlib.contextmanager
@@ -160,7 +215,8 @@ def use_backend(module) -> Iterator[None]:
     ``module`` must provide ``all_gather_into_tensor``, ``reduce_scatter_tensor``,
     ``all_reduce`` and ``all_to_all_single`` with torch.distributed's signatures. A module with a
     ``wire_dtype`` attribute (a backend that casts floating tensors for the wire) has its bytes
-    counted at that dtype.
+    counted at that dtype. Process-wide while the block lasts (see the module docstring); blocks
+    nest, and leaving one restores the backend that was in use before it.
     """
     global _BACKEND
     previous = _BACKEND
@@ -173,29 +229,43 @@ def use_backend(module) -> Iterator[None]:
         _BACKEND = previous
 
 
-def set_timeout(seconds: Optional[float]) -> None:
-    """Bound every wait on a collective whose result is on the CPU (``None``: the group's own timeout).
+@contextlib.contextmanager
+def collective_timeout(seconds: Optional[float]) -> Iterator[None]:
+    """Bound each wait on a collective issued inside the block whose result is on the CPU.
+
+    ``seconds=None``: the process group's own timeout. A collective keeps the bound in effect when
+    it was issued, wherever it is waited on; a wait past it raises ``RuntimeError``. Process-wide
+    while the block lasts; blocks nest, and leaving one restores the previous bound.
 
     Waits on CUDA results are never bounded here: a bounded NCCL wait blocks the host until the
     collective ends, which removes the overlap of communication with compute. There the process
     group's timeout (``init_process_group(timeout=...)``, NCCL's watchdog) applies.
     """
     global _TIMEOUT
+    previous = _TIMEOUT
     _TIMEOUT = None if seconds is None else datetime.timedelta(seconds=seconds)
+    try:
+        yield
+    finally:
+        _TIMEOUT = previous
 
 
 class Handle:
-    """An in-flight collective; :meth:`wait` returns its result tensor."""
+    """An in-flight collective; :meth:`wait` returns its result tensor.
+
+    It waits at most the :func:`collective_timeout` bound in effect when it was created (issued).
+    """
 
     def __init__(self, work, result: torch.Tensor, finish: Optional[Callable] = None):
         self._work, self._result, self._finish = work, result, finish
+        self._timeout = _TIMEOUT
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            if _TIMEOUT is not None and self._result.device.type == "cpu":
-                ok = self._work.wait(timeout=_TIMEOUT)
+            if self._timeout is not None and self._result.device.type == "cpu":
+                ok = self._work.wait(timeout=self._timeout)
                 if ok is False:
-                    raise RuntimeError(f"collective timed out after {_TIMEOUT}")
+                    raise RuntimeError(f"collective timed out after {self._timeout}")
             else:
                 self._work.wait()
             self._work = None
@@ -205,10 +275,14 @@ class Handle:
 
 
 def _record(op: str, algorithm: str, p: int, t: torch.Tensor, chunks_sent: int, tag: str) -> None:
+    counters = _ACTIVE
+    if not counters:
+        return
     wire = _BACKEND.wire_dtype if t.is_floating_point() else None
     payload = t.numel() * (t.element_size() if wire is None else wire.itemsize)
-    COUNTER.add(CommRecord(op, algorithm, p, t.numel(), t.dtype, payload,
-                           payload // p * chunks_sent, tag))
+    record = CommRecord(op, algorithm, p, t.numel(), t.dtype, payload, payload // p * chunks_sent, tag)
+    for counter in counters:
+        counter.add(record)
 
 
 def _on(x: torch.Tensor, group) -> tuple[torch.Tensor, Optional[Callable]]:
@@ -329,8 +403,9 @@ def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
 
     Patches the ``torch.distributed`` attributes listed in ``_INTERCEPTED`` for the duration of
     the block, so calls such as megatron-core's ``torch.distributed.all_reduce(...)`` are
-    recorded in :data:`COUNTER` with ring-algorithm byte counts. The calls themselves are
-    unchanged. Collectives this module issues are counted by it already and are not seen here.
+    recorded, with ring-algorithm byte counts, into every :class:`CommCounter` active at the time
+    of the call (none: nothing is recorded). The calls themselves are unchanged. Collectives this
+    module issues are counted by it already and are not seen here.
     """
     originals = {}
 
@@ -339,6 +414,8 @@ def intercept_torch_collectives(tag: str = "external") -> Iterator[None]:
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
+            if not _ACTIVE:
+                return fn(*args, **kwargs)
             bound = sig.bind_partial(*args, **kwargs).arguments
             group = bound.get("group")
             p = group_size(group)

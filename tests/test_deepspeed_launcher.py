@@ -51,7 +51,7 @@ def launch(n: int, script: Path, args: list[str], timeout: float = 420, expect_f
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"launcher timed out after {timeout} s:\n{out[-6000:]}")
+        raise AssertionError(f"launcher timed out after {timeout} s:\n{out[-6000:]}") from None
     assert (proc.returncode != 0) == expect_fail, f"launcher exit code {proc.returncode}:\n{out[-8000:]}"
     return out
 
@@ -91,6 +91,9 @@ def test_two_ranks_exact_comms_monitor_disabled(tmp_path):
         # comms log: ghost all-gather input [B, k] = 4 x 3 fp32 = 48 bytes, bf16 24 bytes;
         # ghost reduce-scatter input [p, B, k] = 96 bytes (on gloo an all-to-all plus local sum)
         assert r["counter_ghost_numel"] == 2 * MICRO * 3
+        # the route is the engine's: a phantom collective outside its calls uses torch.distributed
+        calls = r["ds_calls"]
+        assert calls["outside"] == 0 and calls["in_forward"] > 0 and calls["outside_bytes"] == 3 * 4, calls
         assert r["bf16_losses"][-1] < 0.8 * r["bf16_losses"][0]
         assert _close(r["bf16_losses"], r["k3_losses"], 2e-2)
         assert r["monitor_events"] and all(v > 0 for v in r["monitor_events"].values())
@@ -166,7 +169,7 @@ def test_lr_multipliers_groups_scheduler_and_reference(tmp_path):
             for kind, mult in run["groups"]:
                 assert abs(mult - want.get(kind, 1.0)) < 1e-12, (name, kind, mult)
             for step, lrs in enumerate(run["lrs"]):         # (a) scheduler lr x lr_mult, every group
-                for (kind, mult), lr in zip(run["groups"], lrs):
+                for (kind, _), lr in zip(run["groups"], lrs):
                     assert abs(lr - _warmup_lr(step) * want.get(kind, 1.0)) < 1e-12 * LR, (name, step, kind, lr)
             assert run["decay"] == [DECAY] * 5, run["decay"]
             assert _close(run["losses"], r[ref], 1e-4), (name, run["losses"], r[ref])       # (b)
@@ -383,10 +386,11 @@ def _case_two(out: dict, tmp: Path) -> None:
     out["converted"] = [c.name for c in engine.phantom.conversions]
     out["edge_layers"] = sum(isinstance(m, PhantomEdgeLinear) for m in engine.module.modules())
 
-    comm.COUNTER.reset()
-    _, out["k3_losses"], _ = _train(Net(), _config(ghost_neurons=3), steps, 0)
-    out["counter_ghost_numel"] = next(r.numel for r in comm.COUNTER.records if r.tag == "ghosts_fwd")
-    _, out["bf16_losses"], _ = _train(Net(), _config(ghost_neurons=3, comm_dtype="bf16"), steps, 0)
+    with comm.CommCounter() as counter:
+        _, out["k3_losses"], _ = _train(Net(), _config(ghost_neurons=3), steps, 0)
+    out["counter_ghost_numel"] = next(r.numel for r in counter.records if r.tag == "ghosts_fwd")
+    engine, out["bf16_losses"], _ = _train(Net(), _config(ghost_neurons=3, comm_dtype="bf16"), steps, 0)
+    out["ds_calls"] = _deepspeed_comm_calls(engine)
 
     cfg = _config(stage=2, log_interval=2)
     cfg["csv_monitor"] = {"enabled": True, "output_path": str(tmp / "csv"), "job_name": "phantom"}
@@ -398,6 +402,31 @@ def _case_two(out: dict, tmp: Path) -> None:
     summary = deepspeed.comm.log_summary(return_dict=True) or {}
     out["comms"] = {op: [str(s) for s in sizes] for op, sizes in summary.get("summary", summary).items()
                     if isinstance(sizes, dict)}
+
+
+def _deepspeed_comm_calls(engine) -> dict:
+    """``deepspeed.comm`` all-gathers of a phantom collective issued outside the engine's calls
+    (after ``initialize`` returned) and inside a forward of the engine."""
+    import torch
+    import deepspeed
+    from phantom_plugin import comm
+    calls, real = [], deepspeed.comm.all_gather_into_tensor
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    deepspeed.comm.all_gather_into_tensor = counted
+    try:
+        with comm.CommCounter() as counter:
+            comm.all_gather(torch.ones(3), engine.phantom.groups.phantom)
+        outside = len(calls)
+        with torch.no_grad():
+            engine(_batch(0, 0)[0])
+        return {"outside": outside, "in_forward": len(calls) - outside,
+                "outside_bytes": counter.sent_bytes}      # fp32: the engine's bf16 wire not in use
+    finally:
+        deepspeed.comm.all_gather_into_tensor = real
 
 
 def _case_zero(out: dict, tmp: Path) -> None:

@@ -70,18 +70,18 @@ def test_wrong_input_width_names_the_expected_shard():
 
 
 def _die_mid_step(rank, p):
-    comm.set_timeout(20)
-    ffn = PhantomFFN(32, 4, ghost_dim=2, group=dist.group.WORLD, seed=0)
-    x = torch.randn(8, 32)
-    ffn(x).sum().backward()          # one good step
-    if rank == 1:
-        os._exit(3)                  # dies before the next step's first collective
-    start = time.monotonic()
-    try:
-        ffn(x).sum().backward()
-    except RuntimeError as e:
-        return ("raised", time.monotonic() - start, str(e)[:200])
-    return ("no error", time.monotonic() - start, "")
+    with comm.collective_timeout(20):
+        ffn = PhantomFFN(32, 4, ghost_dim=2, group=dist.group.WORLD, seed=0)
+        x = torch.randn(8, 32)
+        ffn(x).sum().backward()          # one good step
+        if rank == 1:
+            os._exit(3)                  # dies before the next step's first collective
+        start = time.monotonic()
+        try:
+            ffn(x).sum().backward()
+        except RuntimeError as e:
+            return ("raised", time.monotonic() - start, str(e)[:200])
+        return ("no error", time.monotonic() - start, "")
 
 
 def test_killed_rank_makes_the_others_fail_instead_of_hanging():

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from phantom_plugin import COUNTER, PhantomFFN, PhantomLinear, init
+from phantom_plugin import CommCounter, PhantomFFN, PhantomLinear, init
 from phantom_plugin.modeling import counts
 from phantom_plugin.blocks import dense_from_blocks
 
@@ -63,7 +63,7 @@ def _check_linear(rank, p):
             torch.testing.assert_close(xs.grad, dx_ref, rtol=0, atol=1e-10)
             for name, ref in grads_ref.items():
                 torch.testing.assert_close(getattr(layer, name).grad, ref, rtol=0, atol=1e-10,
-                                           msg=lambda m: f"{name} k={k} bias={bias}: {m}")
+                                           msg=lambda m, at=f"{name} k={k} bias={bias}": f"{at}: {m}")
             # to_dense is the exact dense equivalent
             w, b = layer.to_dense()
             full = x @ w.t() + (b if b is not None else 0)
@@ -159,10 +159,10 @@ def _check_ffn(rank, p, width, depth, k, batch):
     ffn = PhantomFFN(width, depth, ghost_dim=k, group=g, dtype=torch.float64, seed=1)
     dense = ffn.to_dense()
     x = torch.randn(batch, width, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    COUNTER.reset()
-    y = ffn(x)
-    y.pow(2).sum().backward()
-    records = list(COUNTER.records)
+    with CommCounter() as counter:
+        y = ffn(x)
+        y.pow(2).sum().backward()
+    records = list(counter.records)
     h = x
     for l, (w, b) in enumerate(dense):
         h = h @ w.t() + b

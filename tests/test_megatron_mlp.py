@@ -120,18 +120,18 @@ def test_phantom_mlp_matches_dense_reference_on_two_ranks(ranks):
 
 def _bad_args_ranks(rank, world):
     import megatron_utils as mu
-    from phantom_plugin import COUNTER
+    from phantom_plugin import CommCounter
     from phantom_plugin.megatron import PhantomMLP
     cfg = mu.make_config(world, hidden_size=H, ffn_hidden_size=FFN)
     messages = []
-    before = len(COUNTER.records)
-    for kwargs in ({"ghost_dim": H}, {"ghost_dim": 0}, {"ghost_dim": K, "is_expert": True},
-                   {"ghost_dim": K, "ffn_hidden_size": 25}):
-        try:
-            PhantomMLP(cfg, **kwargs)
-        except ValueError as e:
-            messages.append(str(e))
-    return messages, len(COUNTER.records) - before
+    with CommCounter() as counter:
+        for kwargs in ({"ghost_dim": H}, {"ghost_dim": 0}, {"ghost_dim": K, "is_expert": True},
+                       {"ghost_dim": K, "ffn_hidden_size": 25}):
+            try:
+                PhantomMLP(cfg, **kwargs)
+            except ValueError as e:
+                messages.append(str(e))
+    return messages, len(counter.records)
 
 
 def test_bad_arguments_fail_on_every_rank_before_any_collective(ranks):

@@ -175,10 +175,8 @@ def test_ladder(largest, p):
 def _fit_rank(rank, world_size, colls):
     import torch
     import torch.distributed as dist
-    from phantom_plugin import comm
     from phantom_plugin.bench.calibrate import _fit_links
     fits = _fit_links(colls, torch.float32, torch.device("cpu"), dist.group.WORLD, 3)
-    comm.COUNTER.reset()
     return {op: (f.alpha_s, f.beta_s_per_byte, nb, md) for op, (f, nb, md) in fits.items()}
 
 
@@ -206,12 +204,9 @@ def test_link_fits_on_gloo_ranks(p):
 def _wait_rank(rank, world_size, waits, alpha):
     import torch
     import torch.distributed as dist
-    from phantom_plugin import comm
     from phantom_plugin.bench.calibrate import _wait_time
     fits = {w.coll.op: step_model.LinkFit(w.coll.op, world_size, alpha, 0.0) for w in waits}
-    out = [_wait_time(w, torch.float32, torch.device("cpu"), dist.group.WORLD, 3, fits) for w in waits]
-    comm.COUNTER.reset()
-    return out
+    return [_wait_time(w, torch.float32, torch.device("cpu"), dist.group.WORLD, 3, fits) for w in waits]
 
 
 def test_wait_time_on_gloo_ranks():

@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from phantom_plugin import (COUNTER, gather_from_group, hidden_to_sequence, scatter_to_group,
+from phantom_plugin import (CommCounter, gather_from_group, hidden_to_sequence, scatter_to_group,
                             sequence_to_hidden)
 
 
@@ -30,13 +30,13 @@ def _check_regions(rank, p):
     torch.testing.assert_close(x.grad, weight[..., hs])
 
     x = full[ss].clone().requires_grad_()                                # sequence shard
-    COUNTER.reset()
-    y = sequence_to_hidden(x, g)                                         # hidden shard
-    torch.testing.assert_close(y, full[..., hs])
-    (y * weight[..., hs]).sum().backward()
+    with CommCounter() as counter:
+        y = sequence_to_hidden(x, g)                                     # hidden shard
+        torch.testing.assert_close(y, full[..., hs])
+        (y * weight[..., hs]).sum().backward()
     torch.testing.assert_close(x.grad, weight[ss])
-    assert [r.op for r in COUNTER.records] == ["all_to_all", "all_to_all"]
-    assert all(r.sent_bytes == s * b * h * 8 // p // p * (p - 1) for r in COUNTER.records)
+    assert [r.op for r in counter.records] == ["all_to_all", "all_to_all"]
+    assert all(r.sent_bytes == s * b * h * 8 // p // p * (p - 1) for r in counter.records)
 
     x = full[..., hs].clone().requires_grad_()
     y = hidden_to_sequence(x, g)

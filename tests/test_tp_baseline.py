@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from phantom_plugin import COUNTER, comm, init
+from phantom_plugin import CommCounter, comm, init
 from phantom_plugin.modeling import counts
 
 pytest.importorskip("megatron.core")
@@ -19,8 +19,7 @@ def _check_tp(rank, p, depth):
     dense = [(init.dense_master(4 + l, width, width).double().requires_grad_(),
               init.dense_bias(4 + l, width, width).double().requires_grad_()) for l in range(depth)]
     x = torch.randn(batch, width, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    COUNTER.reset()
-    with comm.intercept_torch_collectives():
+    with CommCounter() as counter, comm.intercept_torch_collectives():
         y = model(x)
         y.pow(3).sum().backward()
     h = x
@@ -39,7 +38,7 @@ def _check_tp(rank, p, depth):
         torch.testing.assert_close(layer.weight.grad, wg, rtol=0, atol=1e-10)
         torch.testing.assert_close(layer.bias.grad, bg, rtol=0, atol=1e-10)
     model_cost = counts.tp_ffn_cost(width, depth, p=p, batch=batch, dtype_bytes=8)
-    assert sorted((r.op, r.sent_bytes) for r in COUNTER.records) == \
+    assert sorted((r.op, r.sent_bytes) for r in counter.records) == \
         sorted((m.op, m.bytes_sent) for m in model_cost.messages)
     return True
 

@@ -317,7 +317,6 @@ def calibrate_rank(rank: int, world_size: int, terms: list, dtype: str = "fp32",
     out = [_after_time(_compute_fn(t, dt, device), chain_fns[after_chain[t]], device, group, reps)
            if t in after_chain else _term_time(t, dt, device, group, reps, link_fits) for t in terms]
     out += [_median_time(chain_fns[name], device, group, reps) for name in names]
-    comm.COUNTER.reset()
     secs = torch.tensor(out, dtype=torch.float64, device=device)
     dist.all_reduce(secs, op=dist.ReduceOp.MAX, group=group)   # a step waits for its slowest rank
     if rank != 0:

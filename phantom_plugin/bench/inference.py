@@ -72,17 +72,16 @@ def infer_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
                     meter.begin_window(phase)
                 sync(device)
                 t0 = time.perf_counter()
-                with comm.COUNTER.window() as calls:
+                with comm.CommCounter() as counter:
                     model(x)
                 sync(device)
                 times.append(time.perf_counter() - t0)
-                sent.append(sum(r.sent_bytes for r in calls))
+                sent.append(counter.sent_bytes)
                 if bar is not None:
                     bar.update(1)
             window = meter.end_window(phase)
         if bar is not None:
             bar.close()
-        comm.COUNTER.reset()
         total = energy.sum_over_group(window, group) if isinstance(window, energy.Measurement) else window
         records.append(_record(spec, phase, batch, world_size, model, device, times, sent, total))
     return records if rank == 0 else None

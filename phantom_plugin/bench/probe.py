@@ -19,7 +19,8 @@
   ``hidden_fraction_ab = 1 - (real - local) / alone`` and
   ``hidden_fraction_wait = 1 - wait / alone``. Both are noisy when ``alone`` is small.
 
-Collectives here are bench instrumentation: they are not counted in the byte counter.
+Collectives here are bench instrumentation: they run outside the per-step byte counters of
+:mod:`.runner`, so no run reports them.
 """
 from __future__ import annotations
 
@@ -143,48 +144,44 @@ def probe_rank(model, opt, spec, group, device, dtype, rounds: int = 6, per_roun
     p, rank = dist.get_world_size(group), dist.get_rank(group)
     n = spec.width
     shapes = {"phantom_local": (spec.batch, n // p, n // p), "tp_column": (spec.batch, n, n // p)}
-    enabled, comm.COUNTER.enabled = comm.COUNTER.enabled, False
-    try:
-        dist.barrier(group)
-        out = {"gemm_shapes": {k: list(v) for k, v in shapes.items()}}
-        if spec.mode != "phantom" or p == 1:
-            rates = {name: gemm_rate(*s, dtype, device) for name, s in shapes.items()}
-            vals = _mean_over_group(list(rates.values()), group)
-            out["gemm_rate_macs_per_s"] = dict(zip(rates, vals))
-            out["dense_gemm_rate_macs_per_s"] = max(vals)
-            return out
-        x, y = teacher_batch(0, spec.batch, spec.width, spec.seed, device, dtype)
-        tp = build_model(dataclasses.replace(spec, mode="tp"), group, device, dtype)
-        tp_opt = make_optimizer(tp, spec.lr)
-        t = {k: [] for k in ("real", "local", "tp", "alone", "wait", *shapes)}
-        for _ in range(rounds):
-            for mode in ("real", "local"):
-                dist.barrier(group)
-                for _ in range(per_round):
-                    acc = [0.0]
-                    with ghost_exchange(mode, rank, p, acc):
-                        t[mode].append(_timed(lambda: train_step(model, opt, x, y), device))
-                    if mode == "real":
-                        t["wait"].append(acc[0])
-            dist.barrier(group)
-            t["tp"] += [_timed(lambda: train_step(tp, tp_opt, x, y), device) for _ in range(per_round)]
-            dist.barrier(group)
-            t["alone"] += [_timed(lambda: _ghosts_alone(spec, group, device, dtype, p), device)
-                           for _ in range(per_round)]
-            dist.barrier(group)
-            for name, s in shapes.items():
-                t[name].append(gemm_rate(*s, dtype, device, reps=per_round))
-        names = list(t)
-        m = dict(zip(names, _mean_over_group([statistics.median(t[k]) for k in names], group)))
-        rate = max(m[k] for k in shapes)
-        out.update({
-            "gemm_rate_macs_per_s": {k: m[k] for k in shapes}, "dense_gemm_rate_macs_per_s": rate,
-            "step_time_real_s": m["real"], "step_time_local_copy_s": m["local"], "step_time_tp_s": m["tp"],
-            "ghost_comm_alone_s": m["alone"], "ghost_wait_per_step_s": m["wait"],
-            "hidden_fraction_ab": 1 - (m["real"] - m["local"]) / m["alone"],
-            "hidden_fraction_wait": 1 - m["wait"] / m["alone"],
-            "probe_rounds": rounds, "probe_steps_per_round": per_round,
-        })
+    dist.barrier(group)
+    out = {"gemm_shapes": {k: list(v) for k, v in shapes.items()}}
+    if spec.mode != "phantom" or p == 1:
+        rates = {name: gemm_rate(*s, dtype, device) for name, s in shapes.items()}
+        vals = _mean_over_group(list(rates.values()), group)
+        out["gemm_rate_macs_per_s"] = dict(zip(rates, vals))
+        out["dense_gemm_rate_macs_per_s"] = max(vals)
         return out
-    finally:
-        comm.COUNTER.enabled = enabled
+    x, y = teacher_batch(0, spec.batch, spec.width, spec.seed, device, dtype)
+    tp = build_model(dataclasses.replace(spec, mode="tp"), group, device, dtype)
+    tp_opt = make_optimizer(tp, spec.lr)
+    t = {k: [] for k in ("real", "local", "tp", "alone", "wait", *shapes)}
+    for _ in range(rounds):
+        for mode in ("real", "local"):
+            dist.barrier(group)
+            for _ in range(per_round):
+                acc = [0.0]
+                with ghost_exchange(mode, rank, p, acc):
+                    t[mode].append(_timed(lambda: train_step(model, opt, x, y), device))
+                if mode == "real":
+                    t["wait"].append(acc[0])
+        dist.barrier(group)
+        t["tp"] += [_timed(lambda: train_step(tp, tp_opt, x, y), device) for _ in range(per_round)]
+        dist.barrier(group)
+        t["alone"] += [_timed(lambda: _ghosts_alone(spec, group, device, dtype, p), device)
+                       for _ in range(per_round)]
+        dist.barrier(group)
+        for name, s in shapes.items():
+            t[name].append(gemm_rate(*s, dtype, device, reps=per_round))
+    names = list(t)
+    m = dict(zip(names, _mean_over_group([statistics.median(t[k]) for k in names], group)))
+    rate = max(m[k] for k in shapes)
+    out.update({
+        "gemm_rate_macs_per_s": {k: m[k] for k in shapes}, "dense_gemm_rate_macs_per_s": rate,
+        "step_time_real_s": m["real"], "step_time_local_copy_s": m["local"], "step_time_tp_s": m["tp"],
+        "ghost_comm_alone_s": m["alone"], "ghost_wait_per_step_s": m["wait"],
+        "hidden_fraction_ab": 1 - (m["real"] - m["local"]) / m["alone"],
+        "hidden_fraction_wait": 1 - m["wait"] / m["alone"],
+        "probe_rounds": rounds, "probe_steps_per_round": per_round,
+    })
+    return out

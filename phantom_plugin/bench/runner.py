@@ -60,12 +60,12 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
                 meter.begin_window("train")
             sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            with comm.COUNTER.window() as records:
+            with comm.CommCounter() as counter:
                 loss = train_step(model, opt, x, y)
             sync(device)
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-            sent.append(sum(r.sent_bytes for r in records))
+            sent.append(counter.sent_bytes)
             losses.append(loss.item())
             if bar is not None:
                 bar.update(1)
@@ -76,7 +76,6 @@ def train_rank(rank: int, world_size: int, spec: RunSpec, progress: bool = True,
         window = meter.end_window("train")
     if bar is not None:
         bar.close()
-    comm.COUNTER.reset()
     total = energy.sum_over_group(window, group) if isinstance(window, energy.Measurement) else window
     cpu_sum = torch.tensor(cpu, dtype=torch.float64, device=comm.collective_device(group))
     dist.all_reduce(cpu_sum, group=group)                  # CPU-seconds of all ranks, per step

@@ -20,23 +20,38 @@ after the previous succeeded on this rank):
    with ``lr_multipliers`` and DeepSpeed's config-built optimizer, ``model_parameters`` become
    phantom-aware groups (lr x ``lr_mult``) and the config scheduler's absolute lrs are scaled
    per group (:mod:`.lr_groups`, whose checks run in step 1);
-5. route the plugin's collectives through ``deepspeed.comm`` (for the rest of the process);
-6. fit ``train_batch_size`` to the data-parallel size when it was computed from the whole world
+5. fit ``train_batch_size`` to the data-parallel size when it was computed from the whole world
    (Hugging Face's ``micro x accumulation x world``), then ``deepspeed.initialize(..., mpu=...)``;
    attach ``engine.phantom`` (a :class:`PhantomRun`) and, with ``log_interval > 0``, the monitor
    :class:`StepLogger`; wrap ``engine.save_checkpoint`` / ``load_checkpoint`` so that a
-   checkpoint carries its phantom layout and loads only at that layout (:mod:`.checkpoint`).
+   checkpoint carries its phantom layout and loads only at that layout (:mod:`.checkpoint`);
+   give the engine its route (below).
+
+Routing (the rule): each engine owns a :class:`~.routing.DeepSpeedRoute` (``deepspeed.comm``,
+the section's ``comm_dtype`` on the wire), ``engine.phantom.route``, and it is active only while
+the engine runs phantom code for its model. Inside ``engine.forward`` (``engine(x)``),
+``engine.backward`` and ``engine.step`` -- ``train_batch`` and ``eval_batch`` for a pipeline
+engine --, ``save_checkpoint`` / ``load_checkpoint`` (instance attributes wrapping the engine's
+own methods, as the monitor and the checkpoint layout do) and the dense export of :mod:`.export`
+(:func:`routed`), every phantom collective goes through ``deepspeed.comm``, so DeepSpeed's
+``comms_logger`` sees it. Outside them nothing is routed: another engine, a plain model or a
+benchmark in the same process uses torch.distributed. The conversion of step 4 runs before the
+engine exists, unrouted (its exchanges in full precision whatever ``comm_dtype`` says). A backward
+started by ``loss.backward()`` itself instead of ``engine.backward`` runs unrouted too.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import re
 import weakref
 from typing import Any, Optional, Sequence
 
 import deepspeed
+from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from torch import nn
 
@@ -53,10 +68,9 @@ from .remap import check_optimizer_fresh, remap_optimizer, remap_parameters
 from .routing import COMM_DTYPES, DeepSpeedRoute
 from .zero3 import is_partitioned, materialize
 
-__all__ = ["initialize", "PhantomRun"]
+__all__ = ["initialize", "PhantomRun", "routed"]
 
 log = logging.getLogger("phantom_plugin.deepspeed")
-_ROUTE = None   # the use_backend context kept open for the process
 _RUNS: "weakref.WeakKeyDictionary[nn.Module, PhantomRun]" = weakref.WeakKeyDictionary()
 """Models this process converted, with what was done: a second ``initialize`` reuses it."""
 
@@ -68,6 +82,8 @@ class PhantomRun:
     groups: PhantomGroups
     conversions: list[Conversion]
     logger: Optional[StepLogger] = None
+    route: Optional[DeepSpeedRoute] = None
+    """The engine's backend for phantom collectives (see the module docstring)."""
 
     def describe(self) -> str:
         lines = [f"phantom_parallel: size={self.config.size} ghost_neurons={self.config.ghost_neurons} "
@@ -193,8 +209,7 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
     else:
         groups = build_groups(cfg.size)
     ds_mpu = None if pipeline else PhantomMPU(groups)
-    if previous is None:
-        _leave_route()       # conversion's exchanges in full precision, whatever comm_dtype says
+    if previous is None:     # unrouted: conversion's exchanges in full precision, whatever comm_dtype says
         conversions = _convert(model, cfg, groups, pipeline)
         model_parameters = remap_parameters(model_parameters, model, before)
         if optimizer is not None and not callable(optimizer):
@@ -202,7 +217,6 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         if pipeline:
             count_replicated_once(model)
     model_parameters = lr_groups.apply(group_plan, model, ds, optimizer, model_parameters, lr_scheduler)
-    _route_collectives(cfg)
 
     # --- 3. DeepSpeed ---------------------------------------------------------------------------
     out = _deepspeed_initialize()(
@@ -212,12 +226,14 @@ def initialize(args: Any = None, model: nn.Module = None, optimizer=None, model_
         mesh_param=mesh_param)
     engine = out[0]
     _check_autotp_groups(engine, groups)
-    run = PhantomRun(cfg, groups, conversions)
+    wire = None if cfg.comm_dtype is None else COMM_DTYPES[cfg.comm_dtype]
+    run = PhantomRun(cfg, groups, conversions, route=DeepSpeedRoute(deepspeed.comm, wire))
     _RUNS[model] = run
     if cfg.log_interval > 0:
         run.logger = StepLogger(engine, cfg.log_interval)
     engine.phantom = run
     attach_checkpoints(engine, run)
+    _route_calls(engine, run.route)
     if engine.global_rank == 0:
         log.info(run.describe())
         print(run.describe(), flush=True)
@@ -278,17 +294,30 @@ def forget(model: nn.Module) -> None:
     _RUNS.pop(model, None)
 
 
-def _leave_route() -> None:
-    global _ROUTE
-    if _ROUTE is not None:
-        _ROUTE.__exit__(None, None, None)
-        _ROUTE = None
+_ROUTED_CALLS = ("forward", "backward", "step", "save_checkpoint", "load_checkpoint")
+_ROUTED_PIPE_CALLS = ("train_batch", "eval_batch", "save_checkpoint", "load_checkpoint")
 
 
-def _route_collectives(cfg: PhantomParallelConfig) -> None:
-    """Send every plugin collective through ``deepspeed.comm`` from now on."""
-    global _ROUTE
-    _leave_route()
-    wire = None if cfg.comm_dtype is None else COMM_DTYPES[cfg.comm_dtype]
-    _ROUTE = comm.use_backend(DeepSpeedRoute(deepspeed.comm, wire))
-    _ROUTE.__enter__()
+def _route_calls(engine, route: DeepSpeedRoute) -> None:
+    """Wrap the engine's model-running methods (instance attributes) to run under ``route``."""
+    for name in _ROUTED_PIPE_CALLS if isinstance(engine, PipelineEngine) else _ROUTED_CALLS:
+        inner = getattr(engine, name)
+        if getattr(inner, "_phantom_route", None) is not None:
+            continue
+        setattr(engine, name, _under(route, inner))
+
+
+def _under(route: DeepSpeedRoute, inner):
+    @functools.wraps(inner)
+    def call(*args, **kwargs):
+        with comm.use_backend(route):
+            return inner(*args, **kwargs)
+    call._phantom_route = route
+    return call
+
+
+def routed(engine) -> contextlib.AbstractContextManager:
+    """``with routed(engine):`` issues the block's phantom collectives through ``engine``'s route
+    (none for an engine or model without one)."""
+    route = getattr(getattr(engine, "phantom", None), "route", None)
+    return contextlib.nullcontext() if route is None else comm.use_backend(route)

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..convert import restore_dense
-from .engine import forget
+from .engine import forget, routed
 from .zero3 import gathered, release
 
 __all__ = ["export_dense"]
@@ -29,7 +29,8 @@ def export_dense(engine) -> nn.Module:
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     if stage == 3:
         engine.empty_partition_cache()     # prefetched (in-flight) parameters back to partitions
-    restore_dense(model, gather=gathered if stage == 3 else None)
+    with routed(engine):                   # the engine's collectives go through its route
+        restore_dense(model, gather=gathered if stage == 3 else None)
     if stage == 3:
         release(engine)
     forget(model)

@@ -7,20 +7,23 @@ comet, whichever the config enables; DeepSpeed writes on global rank 0 only):
 
 * ``Phantom/seconds_per_step``   wall seconds per optimizer step over the window;
 * ``Phantom/samples_per_second`` ``train_batch_size`` samples (global) per wall second;
-* ``Phantom/comm_bytes_per_step`` bytes this rank sent in phantom collectives per step
-  (``phantom_plugin.comm.COUNTER``, ring algorithms);
+* ``Phantom/comm_bytes_per_step`` bytes this rank sent in phantom collectives per step (the
+  logger's own :class:`phantom_plugin.comm.CommCounter`, ring algorithms);
 * ``Phantom/energy_joules_per_step`` when ``phantom_plugin.energy.EnergyMeter`` finds an
   energy counter for this rank's device (NVML, amdsmi or RAPL; a CPU package's RAPL counter is
   shared by every process on it).
 
 Event steps are ``engine.global_samples``, DeepSpeed's own convention. The logger runs no
-collective; it synchronizes the accelerator before reading the clock. While it is attached it
-drops :data:`COUNTER`'s records at each window end, so they do not grow without bound.
+collective; it synchronizes the accelerator before reading the clock. Its counter records from
+the logger's creation until :meth:`StepLogger.close` or the engine's garbage collection (every
+phantom collective of the process meanwhile, as other counters see them too) and is reset at each
+window end, so its records do not grow without bound.
 """
 from __future__ import annotations
 
 import time
 import warnings
+import weakref
 
 from .. import comm
 
@@ -35,7 +38,7 @@ def _energy_meter(device):
         return None
     meter = EnergyMeter(device)
     if meter.reason:
-        warnings.warn(f"phantom_parallel: {meter.reason}; logging time and bytes only")
+        warnings.warn(f"phantom_parallel: {meter.reason}; logging time and bytes only", stacklevel=2)
     return meter
 
 
@@ -50,13 +53,22 @@ class StepLogger:
         self._sync = get_accelerator().synchronize
         self.meter = _energy_meter(getattr(engine, "device", None))
         self.events: list[tuple[str, float, int]] = []      # everything written, for tests and users
+        self.counter = comm.CommCounter()
         self._inner = engine._take_model_step
         engine._take_model_step = self._step
+        self.counter.start()
+        self._stop = weakref.finalize(engine, self.counter.stop)   # the engine gone: stop recording
         self._begin()
+
+    def close(self) -> None:
+        """Stop counting and logging (the engine's optimizer step is unwrapped)."""
+        self._stop()
+        if self.engine.__dict__.get("_take_model_step") == self._step:
+            self.engine._take_model_step = self._inner
 
     def _begin(self) -> None:
         self._sync()
-        comm.COUNTER.reset()
+        self.counter.reset()
         if self.meter is not None:
             self.meter.begin_window(self.WINDOW)
         self._t0 = time.perf_counter()
@@ -72,7 +84,7 @@ class StepLogger:
         self._sync()
         seconds = time.perf_counter() - self._t0
         n = self.interval
-        sent = comm.COUNTER.sent_bytes
+        sent = self.counter.sent_bytes
         joules = None
         if self.meter is not None:
             m = self.meter.end_window(self.WINDOW)

@@ -1,10 +1,12 @@
 """Route the plugin's collectives through ``deepspeed.comm``, optionally in a narrower dtype.
 
-Under DeepSpeed every phantom collective goes through ``deepspeed.comm`` (so the
+Each phantom engine owns one route, active while the engine runs its model (see
+:mod:`.engine`): its phantom collectives then go through ``deepspeed.comm`` (so the
 ``comms_logger`` section reports ghost traffic next to ZeRO's). With ``comm_dtype`` set,
 floating-point tensors are cast to it for the wire and cast back on completion: the message
-sizes in DeepSpeed's comms log are then the narrow ones, and ``phantom_plugin.comm.COUNTER``
-counts the same narrow bytes (it reads :attr:`DeepSpeedRoute.wire_dtype`).
+sizes in DeepSpeed's comms log are then the narrow ones, and a
+:class:`phantom_plugin.comm.CommCounter` counts the same narrow bytes (it reads
+:attr:`DeepSpeedRoute.wire_dtype`).
 """
 from __future__ import annotations
 
