@@ -50,7 +50,7 @@ class SimPhantomFFN(nn.Module):
         self.L, self.C, self.D, self.b = (nn.ParameterList() for _ in range(4))
         for l in range(depth):
             blocks = (layer_blocks[l] if layer_blocks is not None
-                      else init.master_blocks(seed + l, width, width, k, p))
+                      else init.master_blocks(init.derive_seed(seed, l), width, width, k, p))
             blocks = [{key: t.to(dtype) for key, t in b.items()} for b in blocks]
             for r in range(p):
                 self.L.append(nn.Parameter(blocks[r]["local_weight"] * scale_L))
@@ -84,10 +84,9 @@ class DenseFFN(nn.Module):
     def __init__(self, width, depth, seed, dtype=torch.float32):
         super().__init__()
         self.depth = depth
-        self.W = nn.ParameterList([nn.Parameter(init.dense_master(seed + l, width, width).to(dtype))
-                                   for l in range(depth)])
-        self.b = nn.ParameterList([nn.Parameter(init.dense_bias(seed + l, width, width).to(dtype))
-                                   for l in range(depth)])
+        seeds = [init.derive_seed(seed, l) for l in range(depth)]        # as PhantomFFN's layers
+        self.W = nn.ParameterList([nn.Parameter(init.dense_master(s, width, width).to(dtype)) for s in seeds])
+        self.b = nn.ParameterList([nn.Parameter(init.dense_bias(s, width, width).to(dtype)) for s in seeds])
 
     def dense(self, l):
         return self.W[l], self.b[l]

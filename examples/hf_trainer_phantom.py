@@ -7,7 +7,7 @@ A stock ``Trainer`` script: it never imports ``phantom_plugin`` to train. With t
 installed (``pip install phantom_plugin`` or ``pip install -e .``), the ``"phantom_parallel"``
 section of the DeepSpeed config turns the Llama's MLPs into phantom MLPs when ``Trainer`` (through
 Accelerate) calls ``deepspeed.initialize``, and Accelerate feeds the ranks of each phantom group the
-same batches. At the end ``phantom_plugin.deepspeed.export_dense`` turns the trained model back
+same batches. At the end ``phantom_plugin.deepspeed.to_dense`` turns the trained model back
 into a plain ``LlamaForCausalLM`` that ``save_pretrained`` writes as a normal checkpoint.
 
 The data set is built here (no downloads): token sequences ``t_i = (a + b i) mod V`` with random
@@ -101,10 +101,10 @@ def main() -> None:
 
     engine = trainer.model_wrapped
     if getattr(engine, "phantom", None) is not None:          # the plugin converted the model
-        from phantom_plugin.deepspeed import export_dense
+        from phantom_plugin.deepspeed import to_dense
         if rank0:
             print(engine.phantom.describe(), flush=True)
-        model = export_dense(engine)                            # collective: every rank
+        model = to_dense(engine)                                # collective: every rank
     else:
         model = trainer.model
     if rank0:

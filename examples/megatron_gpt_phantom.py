@@ -14,8 +14,8 @@ CPU (gloo), 2 ranks, a few minutes::
 
 ``--generate N`` then continues a held-out prompt by ``N`` greedy tokens with the trained phantom
 model (``phantom_plugin.megatron.greedy_generate``: no KV cache, runs on CPU), converts the model
-to dense TP MLPs (``convert_to_dense``, exact) and checks that the dense model picks the same
-tokens on every rank.
+to dense TP MLPs (``phantom_plugin.megatron.to_dense``, exact) and checks that the dense model
+picks the same tokens on every rank.
 
 On GPUs (NCCL, one per rank) it uses the stock spec (Transformer Engine when installed) and RoPE;
 on CPU a CPU-friendly ``core_attention`` (SDPA) and learned absolute positions.
@@ -79,12 +79,12 @@ def same_mlp_init(model, seed: int) -> None:
     in the off-diagonal blocks: TP's diagonal blocks then equal phantom's ``L_i``."""
     from megatron.core import parallel_state
     from phantom_plugin import init
-    from phantom_plugin.megatron.mlp import _layer_seeds
     p = parallel_state.get_tensor_model_parallel_world_size()
     r = parallel_state.get_tensor_model_parallel_rank()
     for layer in model.decoder.layers:
         fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
-        s1, s2 = _layer_seeds(seed, layer.layer_number)
+        s1 = init.derive_seed(seed, layer.layer_number, "linear_fc1")               # as PhantomMLP's
+        s2 = init.derive_seed(seed, layer.layer_number, "linear_fc2")
         hidden, ffn = fc1.weight.shape[1], fc1.weight.shape[0] * p
         w1, w2 = init.dense_master(s1, hidden, ffn), init.dense_master(s2, ffn, hidden)  # [ffn, h], [h, ffn]
         fc1.weight.copy_(w1[r * ffn // p:(r + 1) * ffn // p])                     # column parallel: rows
@@ -146,11 +146,11 @@ def run(args, phantom: bool, train, evals, device) -> dict:
 def generate(args, model, prompt: torch.Tensor) -> None:
     """Greedy continuation by the phantom model and by its exact dense conversion; they must agree."""
     from phantom_plugin import comm
-    from phantom_plugin.megatron import convert_to_dense, count_phantom_mlps, greedy_generate
+    from phantom_plugin.megatron import count_phantom_mlps, greedy_generate, to_dense
     if count_phantom_mlps(model) != args.layers:
         raise SystemExit(f"expected {args.layers} phantom MLPs, the model holds {count_phantom_mlps(model)}")
     phantom = greedy_generate(model, prompt, args.generate)
-    convert_to_dense(model)
+    to_dense(model)
     dense = greedy_generate(model, prompt, args.generate)
     same = torch.equal(phantom, dense)
     ranks = comm.all_gather(phantom, None).cpu()                          # [p, 1, s + N]

@@ -27,7 +27,7 @@ dense weights identical on every rank of the group; that is checked with one sma
 Every argument is checked before the first collective; a matched module that cannot be
 converted is an error naming it, a pattern that matches nothing a warning.
 
-:func:`restore_dense` is the inverse: every phantom layer back to the exactly equivalent dense
+:func:`to_dense` is the inverse: every phantom layer back to the exactly equivalent dense
 layer of its original type (``W[i,j] = D_ij C_j``), identical on every rank.
 """
 from __future__ import annotations
@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import re
 import warnings
-import zlib
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
@@ -46,11 +45,12 @@ from torch import nn
 from . import comm
 from .checks import resolve_group
 from .edge import PhantomEdgeLinear, dense_parts, fused_row_order, meta_template
+from .init import derive_seed
 from .layers import PhantomLinear
 from .shapes import divisibility_error, ghost_dim_error
 
 __all__ = ["PhantomEdgeLinear", "Conversion", "convert_modules", "check_convertible", "find_matches",
-           "restore_dense", "parameter_sources", "ELEMENTWISE", "MLP_CHILDREN", "FUSED_CHUNKS"]
+           "to_dense", "parameter_sources", "ELEMENTWISE", "MLP_CHILDREN", "FUSED_CHUNKS"]
 
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout,
                nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardswish,
@@ -216,10 +216,6 @@ def _check_same_weights(plans: Sequence[_Plan], group, p: int) -> None:
                          "(torch.manual_seed(s)), or initialise phantom layers randomly")
 
 
-def _seed_for(seed: int, name: str) -> int:
-    return (seed + zlib.crc32(name.encode())) % (2 ** 31 - 1)
-
-
 def _build(lin: nn.Module, full_name: str, k: int, group, init: str, seed: int, chunks: int) -> PhantomLinear:
     weight, bias, _ = dense_parts(lin)
     if init == "dense":
@@ -231,7 +227,7 @@ def _build(lin: nn.Module, full_name: str, k: int, group, init: str, seed: int, 
     with torch.no_grad():
         return PhantomLinear(weight.shape[1], weight.shape[0], ghost_dim=k, group=group,
                              bias=bias is not None, device=weight.device,
-                             dtype=weight.dtype, seed=_seed_for(seed, full_name))
+                             dtype=weight.dtype, seed=derive_seed(seed, full_name))
 
 
 def find_matches(model: nn.Module, patterns: Iterable[str]) -> tuple[list[tuple[str, nn.Module]], list[str]]:
@@ -279,7 +275,8 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
             MLP's widest input makes every layer exact.
         group: the phantom group (``None``: the world group, or ``p = 1`` without torch.distributed).
         init: ``"dense"`` (truncated SVD of the existing weights) or ``"random"`` (seeded).
-        seed: base seed for ``init="random"`` (each layer adds a hash of its name).
+        seed: base seed for ``init="random"``; the layer named ``name`` (full dotted name) is
+            seeded ``derive_seed(seed, name)`` (:func:`phantom_plugin.init.derive_seed`).
         warn_unmatched: warn about patterns that match no module (off for one pipeline stage,
             which holds only part of the model).
 
@@ -343,8 +340,8 @@ def parameter_sources(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     return out
 
 
-def restore_dense(model: nn.Module, *,
-                  gather: Optional[Callable[[list], contextlib.AbstractContextManager]] = None) -> list[str]:
+def to_dense(model: nn.Module, *,
+             gather: Optional[Callable[[list], contextlib.AbstractContextManager]] = None) -> list[str]:
     """Replace every phantom layer of ``model``, in place, by its exact dense equivalent.
 
     The inverse of :func:`convert_modules`: each :class:`PhantomEdgeLinear` becomes a layer of
@@ -363,11 +360,11 @@ def restore_dense(model: nn.Module, *,
         if not isinstance(m, PhantomEdgeLinear):
             continue
         with (gather(list(m.parameters())) if gather is not None else contextlib.nullcontext()):
-            dense = m.to_dense_module()
+            dense = m.to_dense()
         parent_name, _, child = name.rpartition(".")
         if not name:
-            raise ValueError("restore_dense: the model itself is a phantom layer; call "
-                             "to_dense_module() on it instead")
+            raise ValueError("to_dense: the model itself is a phantom layer; call its own "
+                             "to_dense() method instead")
         setattr(model.get_submodule(parent_name), child, dense)
         done.append(name)
     return done

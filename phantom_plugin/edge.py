@@ -5,7 +5,7 @@ A :class:`PhantomEdgeLinear` replaces one dense layer of a converted module (see
 sits on, it keeps what is needed to undo the conversion exactly:
 
 * ``template``: the original layer with its parameters on the ``meta`` device (no memory), so
-  :meth:`PhantomEdgeLinear.to_dense_module` rebuilds a layer of the original type (``nn.Linear``
+  :meth:`PhantomEdgeLinear.to_dense` rebuilds a layer of the original type (``nn.Linear``
   or a subclass, Hugging Face's ``Conv1D`` with its ``[in, out]`` weight, ...);
 * ``transposed``: the original stores its weight ``[in, out]`` (``Conv1D``);
 * ``fused_chunks``: the original's output is ``chunks`` layers side by side that the module's
@@ -113,7 +113,7 @@ class PhantomEdgeLinear(nn.Module):
     def _check_replicated(self, x: torch.Tensor) -> None:
         """One all-gather of ``[numel, sum, |sum|, weighted sum]``; raises on every rank on a mismatch."""
         self._input_checked = True
-        p = self.phantom.world
+        p = self.phantom.group_size
         if p == 1:
             return
         group = self.phantom.group
@@ -150,7 +150,7 @@ class PhantomEdgeLinear(nn.Module):
         Collective over the phantom group (call on all its ranks).
         """
         ph = self.phantom
-        if ph.world == 1:
+        if ph.group_size == 1:
             w = ph.local_weight.detach().to(torch.float64)
             b = None if ph.bias is None else ph.bias.detach().to(torch.float64)
         else:
@@ -161,13 +161,13 @@ class PhantomEdgeLinear(nn.Module):
             w = blocks.dense_from_blocks(local, comp, decomp)
             b = None if ph.bias is None else _gather_exact(ph.bias, g).reshape(-1)
         if self.fused_chunks > 1:
-            order = fused_row_order(self.out_features, self.fused_chunks, ph.world).to(w.device)
+            order = fused_row_order(self.out_features, self.fused_chunks, ph.group_size).to(w.device)
             w = torch.empty_like(w).index_copy_(0, order, w)
             b = None if b is None else torch.empty_like(b).index_copy_(0, order, b)
         return w, b
 
     @torch.no_grad()
-    def to_dense_module(self) -> nn.Module:
+    def to_dense(self) -> nn.Module:
         """A layer of the original type holding :meth:`dense_weight`, in the phantom layer's dtype and device."""
         w, b = self.dense_weight()
         ref = self.phantom.local_weight

@@ -18,17 +18,53 @@ Every master (``W0 [n_out, n_in]``, the compressor's ``[k, n_in]``, the decompre
 tiles covering its own block (not ``p`` times more than it keeps), and a master's values do not
 depend on ``p``. Draws use CPU generators and return CPU float32 tensors whatever
 ``torch.set_default_device`` says; layers copy them to their own device and dtype.
+
+Models of several layers give each layer its own seed with :func:`derive_seed` (layer ``l`` of a
+``PhantomFFN``, fc1/fc2 of a Megatron ``PhantomMLP``, each module converted with random init).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import operator
+from typing import Union
 
 import torch
 
-__all__ = ["dense_master", "dense_bias", "local_block", "compressor_block", "decompressor_block", "bias_block", "master_blocks"]
+__all__ = ["derive_seed", "dense_master", "dense_bias", "local_block", "compressor_block", "decompressor_block",
+           "bias_block", "master_blocks"]
 
 _CHUNK = 128
 _CPU = torch.device("cpu")
+_SEED_LIMIT = 2 ** 63        # derived seeds fit torch.Generator.manual_seed and int64 tensors
+
+
+def derive_seed(seed: int, *keys: Union[int, str]) -> int:
+    """The seed of the part named by ``keys`` of a model seeded ``seed``, in ``[0, 2**63)``.
+
+    Rule: the 8-byte BLAKE2b digest, read little-endian with its top bit cleared, of ``seed``
+    and each key in turn, each written as a tag (``i`` for an integer, ``s`` for a string), the
+    length of its text (8 bytes, little-endian), then its text (an integer's decimal digits, a
+    string's UTF-8 bytes). Same value in every process, on every platform and Python version (no
+    ``hash()``); distinct ``keys`` give distinct seeds (up to a 2**-63 collision chance), and
+    ``1`` and ``"1"`` are distinct keys.
+
+    Used for layer ``l`` of a ``PhantomFFN`` (``derive_seed(seed, l)``), fc1/fc2 of a Megatron
+    ``PhantomMLP`` at layer number ``l`` (``derive_seed(seed, l, "linear_fc1")``), and each module
+    converted with ``init="random"`` (``derive_seed(seed, module_name)``).
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for part in (seed, *keys):
+        if isinstance(part, str):
+            tag, text = b"s", part.encode("utf-8")
+        else:
+            try:
+                tag, text = b"i", str(operator.index(part)).encode("ascii")
+            except TypeError:
+                raise TypeError(f"derive_seed: seed and keys must be integers or strings, got "
+                                f"{type(part).__name__} {part!r}") from None
+        h.update(tag + len(text).to_bytes(8, "little") + text)
+    return int.from_bytes(h.digest(), "little") % _SEED_LIMIT
 
 
 def _gen(seed: int, salt: int) -> torch.Generator:

@@ -69,7 +69,7 @@ class PhantomLinear(nn.Module):
             "seed": seed if given else _draw_seed()}, error, adopt=() if given else ("seed",))
         seed = agreed["seed"]
         self.in_features, self.out_features, self.ghost_dim = in_features, out_features, ghost_dim
-        self.group, self.world, self.rank, self.seed = group, p, rank, seed
+        self.group, self.group_size, self.rank, self.seed = group, p, rank, seed
         self.approx_error: Optional[float] = None
         mi, mo, kw = in_features // p, out_features // p, {"device": device, "dtype": dtype}
         self.local_weight = mark_tensor_parallel(nn.Parameter(torch.empty(mo, mi, **kw)))
@@ -97,7 +97,7 @@ class PhantomLinear(nn.Module):
         restores the ``tensor_model_parallel`` tags that ``to_empty`` drops).
         """
         n_in, n_out, k, p, r, s = (self.in_features, self.out_features, self.ghost_dim,
-                                   self.world, self.rank, self.seed)
+                                   self.group_size, self.rank, self.seed)
         self._tag()
         if self.local_weight.is_meta:
             return
@@ -110,16 +110,16 @@ class PhantomLinear(nn.Module):
                 self.bias.copy_(init.bias_block(s, n_in, n_out, p, r))
 
     def forward(self, x_shard: torch.Tensor) -> torch.Tensor:
-        if x_shard.shape[-1] != self.in_features // self.world:
+        if x_shard.shape[-1] != self.in_features // self.group_size:
             raise ValueError(f"PhantomLinear: input last dim is {x_shard.shape[-1]}, expected "
-                             f"in_features/p = {self.in_features}/{self.world} = "
-                             f"{self.in_features // self.world} (pass this rank's shard)")
+                             f"in_features/p = {self.in_features}/{self.group_size} = "
+                             f"{self.in_features // self.group_size} (pass this rank's shard)")
         return ops.phantom_linear(x_shard, self.local_weight, self.compressor, self.decompressor,
                                   self.bias, self.group, self.rank)               # [*, n_out/p]
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"ghost_dim={self.ghost_dim}, p={self.world}, bias={self.bias is not None}")
+                f"ghost_dim={self.ghost_dim}, p={self.group_size}, bias={self.bias is not None}")
 
     # --- dense equivalence --------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ class PhantomLinear(nn.Module):
 
         Collective: all-gathers every rank's blocks (call it on all ranks of the group).
         """
-        if self.world == 1:
+        if self.group_size == 1:
             return self.local_weight.detach().clone(), None if self.bias is None else self.bias.detach().clone()
         g = self.group
         local = comm.all_gather(self.local_weight.detach(), g, tag="to_dense").unbind(0)
@@ -155,7 +155,7 @@ class PhantomLinear(nn.Module):
                     device="meta", dtype=weight.dtype, seed=0)      # no random draw: filled below
         layer.to_empty(device=weight.device)
         layer._tag()
-        p, r, k = layer.world, layer.rank, ghost_dim
+        p, r, k = layer.group_size, layer.rank, ghost_dim
         mo, mi = n_out // p, n_in // p
         w = weight.detach()
         with torch.no_grad():
@@ -173,13 +173,24 @@ class PhantomLinear(nn.Module):
 
     def _exchange_svd(self, w: torch.Tensor, k: int):
         """SVD of own block column, all-gathered; returns own ``C``, own ``[D_ij]`` and total dropped energy."""
-        p, r, g = self.world, self.rank, self.group
+        p, r, g = self.group_size, self.rank, self.group
         mo = self.out_features // p
         comp, fac, dropped = blocks.svd_block_column(w, p, k, r)       # [k, mi], [(p-1)mo, k], []
         packed = torch.cat([fac.reshape(-1), dropped.reshape(1)])
         every = comm.all_gather(packed, g, tag="from_dense")            # [p, (p-1)mo*k + 1]
         factors = [every[j, :-1].reshape((p - 1) * mo, k) for j in range(p)]
         return comp, blocks.decompressor_from_factors(factors, p, r), every[:, -1].sum()
+
+
+def _agreed_seed(group: Optional[dist.ProcessGroup], seed: Optional[int], who: str) -> int:
+    """``seed``, or (``seed=None`` on every rank) the group's first rank's draw; one small all-gather.
+
+    Raises on every rank when some ranks pass a seed and others ``None``, or explicit seeds differ.
+    """
+    p, _ = resolve_group(group, who)
+    given = seed is not None
+    fields = {"seed_given": int(given), "seed": seed if given else _draw_seed()}
+    return agree_across_group(group, p, who, fields, None, adopt=() if given else ("seed",))["seed"]
 
 
 def _shape_error(n_in: int, n_out: int, k: int, p: int, dtype: torch.dtype) -> Optional[str]:
@@ -215,7 +226,11 @@ class PhantomFFN(nn.Module):
     forward ``[*, width]`` replicated -> ``[*, width]`` replicated: the input edge takes this
     rank's slice (backward: all-gather of its grad), the layers exchange only ghosts, the output
     edge all-gathers (backward: own slice). ``scatter_input=False`` / ``gather_output=False``
-    take / return shards ``[*, width/p]`` instead. Layer ``l`` is seeded ``seed + l``.
+    take / return shards ``[*, width/p]`` instead. Layer ``l`` is seeded
+    ``init.derive_seed(seed, l)``; ``seed=None`` draws one from torch's default generator and the
+    whole group takes its first rank's draw (as :class:`PhantomLinear`), kept as :attr:`seed`.
+    Construction runs one small all-gather that checks every rank passed a seed alike (and
+    carries the draw), then :class:`PhantomLinear`'s per layer.
     """
 
     def __init__(self, width: int, depth: int, *, ghost_dim: int,
@@ -232,10 +247,10 @@ class PhantomFFN(nn.Module):
         self.group, self.width, self.depth = group, width, depth
         self.scatter_input, self.gather_output = scatter_input, gather_output
         self.act = _ACT[activation] if isinstance(activation, str) else activation
+        self.seed = _agreed_seed(group, seed, "PhantomFFN")
         kw = dict(ghost_dim=ghost_dim, group=group, bias=bias, device=device, dtype=dtype)
-        first = PhantomLinear(width, width, seed=seed, **kw)       # seed=None: the group's first draw
-        self.layers = nn.ModuleList(
-            [first] + [PhantomLinear(width, width, seed=first.seed + l, **kw) for l in range(1, depth)])
+        self.layers = nn.ModuleList([PhantomLinear(width, width, seed=init.derive_seed(self.seed, l), **kw)
+                                     for l in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = ops.scatter_to_group(x, self.group) if self.scatter_input else x   # [*, width/p]

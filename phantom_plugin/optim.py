@@ -40,7 +40,7 @@ def param_kinds(model: nn.Module) -> dict[int, tuple[str, float]]:
     kinds: dict[int, tuple[str, float]] = {}
     for module in model.modules():
         if isinstance(module, PhantomLinear):
-            factor = factor_lr_mult(module.ghost_dim, module.in_features // module.world)
+            factor = factor_lr_mult(module.ghost_dim, module.in_features // module.group_size)
             for name, kind, mult in (("local_weight", "local", 1.0), ("compressor", "compressor", factor),
                                      ("decompressor", "decompressor", factor)):
                 param = getattr(module, name)

@@ -207,6 +207,15 @@ def test_single_process_conversion_is_the_dense_model():
     torch.testing.assert_close(m(x), dense(x))
 
 
+def test_random_init_seeds_each_layer_from_its_name():
+    from phantom_plugin.init import derive_seed
+    model = _model()
+    convert_modules(model, ["mlp"], ghost_dim=2, group=None, init="random", seed=7)
+    edges = [m for m in model.modules() if isinstance(m, PhantomEdgeLinear)]
+    assert [m.phantom.seed for m in edges] == [derive_seed(7, m.name) for m in edges]
+    assert len({m.phantom.seed for m in edges}) == len(edges) > 1
+
+
 def test_bad_sizes_name_the_layer_and_the_fix():
     """Checked against the group size before any collective (p = 1 here: k <= n_in is always ok)."""
     from phantom_plugin.convert import _check_sizes, _plan

@@ -3,7 +3,7 @@
 Tiny models built from each family's ``transformers`` config (no downloads), float64, on two gloo
 ranks. With ``ghost_neurons = width/size`` (``width`` the MLP's widest input; narrower layers are
 capped at their own ``in_features/size``) the converted model's logits equal the dense model's
-to float64 rounding; :func:`restore_dense` gives back layers of the original types (``Conv1D``
+to float64 rounding; :func:`to_dense` gives back layers of the original types (``Conv1D``
 for GPT-2, ``FalconLinear`` for Falcon, Phi-3's fused ``gate_up_proj`` in its original row order)
 with the dense weights, identical on both ranks, and ``save_pretrained`` / ``from_pretrained``
 reload them with the same logits and the same config. Ranks fed different inputs raise on both.
@@ -62,7 +62,7 @@ def _widest(model, names):
 
 def _family_rank(rank, world, tmp):
     import torch.distributed as dist
-    from phantom_plugin.convert import PhantomEdgeLinear, check_convertible, convert_modules, restore_dense
+    from phantom_plugin.convert import PhantomEdgeLinear, check_convertible, convert_modules, to_dense
     out = {}
     ids = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(3))
     for fam, (config, cls, targets) in _families().items():
@@ -76,7 +76,7 @@ def _family_rank(rank, world, tmp):
         edges = [n for n, m in model.named_modules() if isinstance(m, PhantomEdgeLinear)]
         ref = _logits(dense, ids)
         err = float((_logits(model, ids) - ref).abs().max())
-        restored = restore_dense(model)
+        restored = to_dense(model)
         assert model.config.to_dict() == dense.config.to_dict()        # the config is untouched
         same_types = all(type(model.get_submodule(n)).__name__ == types[n] for n in restored)
         w_err = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(),

@@ -6,7 +6,7 @@ One launch of 4 CPU ranks (phantom 2 x data 2) runs every case, engines one afte
   checkpoint and trains the same 3 steps: the losses are bit-identical;
 * a pipeline (pipe 2 x model 2): the same, with ``train_batch``;
 * a checkpoint loaded at another ``ghost_neurons`` or another phantom size raises an error that
-  names both layouts and ``export_dense``, and the model is untouched.
+  names both layouts and ``to_dense``, and the model is untouched.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def test_resume_is_bit_exact_and_other_layouts_refused(tmp_path):
                            ("size", ("size=2", "size=4"))):
             msg = r["refused"][what]
             assert all(w in msg for w in want), (what, msg)
-            assert "export_dense" in msg and "Nothing was loaded" in msg, msg
+            assert "deepspeed.to_dense(engine)" in msg and "Nothing was loaded" in msg, msg
             assert r["untouched"][what] is True, what
     assert (tmp_path / "z1" / "global_step3" / "phantom_parallel.json").exists()
 

@@ -17,7 +17,7 @@ ranks record, and the tests check:
   the no-decay group) when HF builds the optimizer; with an ``"optimizer"`` section the adapter's
   phantom-aware groups (``lr_multipliers`` ``"auto"``), HF's scheduler keeping their lr ratios;
   a second ``deepspeed.initialize`` of the trained model converts nothing;
-* ``export_dense`` + ``save_pretrained`` (rank 0) + ``from_pretrained`` (every rank) give
+* ``to_dense`` + ``save_pretrained`` (rank 0) + ``from_pretrained`` (every rank) give
   ``nn.Linear`` MLPs whose logits equal the trained phantom model's, config untouched.
 """
 from __future__ import annotations
@@ -208,8 +208,8 @@ def _main() -> None:
 
     phantom_logits = _logits(model, probe)
     config_before = model.config.to_dict()       # as Trainer left it (it sets use_cache=False)
-    from phantom_plugin.deepspeed import export_dense
-    exported = export_dense(engine)
+    from phantom_plugin.deepspeed import to_dense
+    exported = to_dense(engine)
     out["export_types"] = sorted({type(m).__name__ for n, m in exported.named_modules()
                                   if n.endswith(("mlp.up_proj", "mlp.gate_proj", "mlp.down_proj"))})
     scale = phantom_logits.abs().max()

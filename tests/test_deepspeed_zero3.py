@@ -5,7 +5,7 @@
 * a model built under ``deepspeed.zero.Init`` over the whole world (as ``from_pretrained`` does
   under ZeRO-3) is gathered before the SVD: the same losses, and its phantom parameters are
   partitioned over the data-parallel group;
-* ``export_dense`` gathers the partitions: a plain model (full parameters, no ZeRO attributes)
+* ``to_dense`` gathers the partitions: a plain model (full parameters, no ZeRO attributes)
   whose outputs equal the trained phantom engine's;
 * ``save_checkpoint`` / ``load_checkpoint`` under ZeRO-3 resume bit-identically.
 """
@@ -45,7 +45,7 @@ def _main() -> None:
     import torch
     import torch.distributed as dist
     import deepspeed
-    from phantom_plugin.deepspeed import export_dense
+    from phantom_plugin.deepspeed import to_dense
     torch.set_num_threads(1)
     tmp = Path(args.out)
     deepspeed.init_distributed()
@@ -76,7 +76,7 @@ def _main() -> None:
     engine.eval()
     with torch.no_grad():
         y = engine(x)
-    model = export_dense(engine)
+    model = to_dense(engine)
     out["export_plain"] = (not any(hasattr(p, "ds_id") for p in model.parameters())
                            and all(p.numel() > 0 for p in model.parameters())
                            and not any("Phantom" in type(m).__name__ for m in model.modules()))

@@ -56,7 +56,7 @@ def test_group_without_initialized_torch_distributed():
         PhantomLinear(8, 8, ghost_dim=2, group=object())
     # group=None without torch.distributed: a plain dense layer
     layer = PhantomLinear(8, 6, ghost_dim=2, seed=0)
-    assert layer.world == 1 and layer.compressor is None
+    assert layer.group_size == 1 and layer.compressor is None
     x = torch.randn(3, 8)
     torch.testing.assert_close(layer(x), x @ layer.local_weight.t() + layer.bias)
 

@@ -85,14 +85,15 @@ def _seed_rank(rank, p, mixed):
     expected = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=torch.Generator().manual_seed(100)))
     ref = init.master_blocks(layer.seed, 8, 8, 1, p)[rank]
     same = all(torch.equal(getattr(layer, n).detach(), t) for n, t in ref.items())
-    return layer.seed, expected, [l.seed for l in ffn.layers], same
+    return layer.seed, expected, (ffn.seed, [l.seed for l in ffn.layers]), same
 
 
 def test_seed_none_takes_the_first_ranks_draw():
     results = run_ranks(_seed_rank, 2, False)
     (s0, expected, ffn0, same0), (s1, _, ffn1, same1) = results
     assert s0 == s1 == expected and same0 and same1
-    assert ffn0 == ffn1 and ffn0 == [ffn0[0], ffn0[0] + 1, ffn0[0] + 2]
+    base, layers = ffn0
+    assert ffn0 == ffn1 and layers == [init.derive_seed(base, l) for l in range(3)]
 
 
 def test_explicit_and_default_seeds_mixed_fail_together():
@@ -194,7 +195,6 @@ def _converted_then_moved_cuda(rank, p):
 def _mlp_rank(rank, p):
     import megatron_utils as mu
     from phantom_plugin.megatron import PhantomMLP
-    from phantom_plugin.megatron.mlp import _layer_seeds
     mu.init_megatron(p)
     draws = []
     original = PhantomLinear.reset_parameters
@@ -218,7 +218,7 @@ def _mlp_rank(rank, p):
                     layer.to_empty(device="cpu")
                     layer.reset_parameters()
             if name in ("meta", "draw"):
-                s1, _ = _layer_seeds(7, 3)
+                s1 = init.derive_seed(7, 3, "linear_fc1")
                 ref = init.master_blocks(s1, 16, 24, 2, p)[rank]
                 out[name] += (all(torch.equal(getattr(mlp.linear_fc1, n).detach(), t) for n, t in ref.items()),
                               all(getattr(t, "tensor_model_parallel", False) for t in mlp.parameters()))

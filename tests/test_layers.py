@@ -182,3 +182,23 @@ def _check_ffn(rank, p, width, depth, k, batch):
 @pytest.mark.parametrize("p", [2, 4])
 def test_ffn_matches_dense_and_sends_exactly_the_cost_model(p):
     run_ranks(_check_ffn, p, 16, 3, 2, 5)
+
+
+def test_derive_seed_is_deterministic_distinct_and_in_range():
+    d = init.derive_seed
+    # pinned values: the rule is the same in every process, platform and Python release (no hash())
+    assert d(0) == 5882227149313166412
+    assert d(1234, 3, "linear_fc1") == 8045027545868842691
+    keys = [(), (0,), (1,), ("0",), ("1",), (0, 1), (1, 0), ("a/b",), ("a", "b"), ("",), ("", ""),
+            (3, "linear_fc1"), (3, "linear_fc2"), (4, "linear_fc1"), ("blocks.0.mlp.fc1",),
+            ("blocks.0.mlp.fc2",), (-1,), (2 ** 70,)]
+    seeds = [d(s, *k) for s in (0, 1, -1, 2 ** 40) for k in keys]
+    assert len(set(seeds)) == len(seeds)
+    assert all(isinstance(s, int) and 0 <= s < 2 ** 63 for s in seeds)
+    torch.Generator().manual_seed(max(seeds))
+    torch.tensor(seeds, dtype=torch.int64)                  # seeds travel in int64 setup all-gathers
+    with pytest.raises(TypeError, match="integers or strings"):
+        d(0, 1.5)
+    # its users: layer l of a PhantomFFN, fc1/fc2 of a Megatron MLP (tests/test_megatron_mlp.py)
+    ffn = PhantomFFN(8, 3, ghost_dim=1, seed=4)
+    assert ffn.seed == 4 and [layer.seed for layer in ffn.layers] == [d(4, l) for l in range(3)]

@@ -21,9 +21,8 @@ def _ckpt_ranks(rank, world, phantom_dir, dense_dir):
     import megatron_utils as mu
     from megatron.core import dist_checkpointing
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from phantom_plugin.megatron import (PhantomCheckpointError, check_checkpoint, convert_to_dense,
-                                         convert_to_phantom, load_checkpoint, save_checkpoint,
-                                         with_phantom_mlp)
+    from phantom_plugin.megatron import (PhantomCheckpointError, check_checkpoint, convert_to_phantom,
+                                         load_checkpoint, save_checkpoint, to_dense, with_phantom_mlp)
     mu.redirect_cuda_for_checkpointing()
     out = {}
     tok, lab, pos = mu.batches(1, BATCH, SEQ)[0]
@@ -52,7 +51,7 @@ def _ckpt_ranks(rank, world, phantom_dir, dense_dir):
     except PhantomCheckpointError as e:
         out["wrong_k"] = str(e)
     # exact dense export, saved as a stock checkpoint (megatron reshards those)
-    assert convert_to_dense(a) == cfg.num_layers
+    assert to_dense(a) == cfg.num_layers
     with torch.no_grad():
         out["dense_export_diff"] = (a(tok, pos, None, labels=lab) - ref).abs().max().item()
     save_checkpoint(a, dense_dir)                                      # now a stock model
@@ -95,7 +94,7 @@ def test_other_tp_size_or_ghost_dim_is_a_clear_error(ranks):
     for r in ranks:
         msg = r["wrong_tp"]
         assert "saved at tensor-parallel size 2" in msg and "runs at tensor-parallel size 1" in msg
-        assert "convert_to_dense" in msg and "convert_to_phantom" in msg
+        assert "megatron.to_dense(model)" in msg and "convert_to_phantom" in msg
         assert f"ghost_dim {K}" in r["wrong_k"] and f"ghost_dim {K + 1}" in r["wrong_k"]
         assert "holds dense (tensor-parallel) MLP weights" in r["dense_into_phantom"]
 

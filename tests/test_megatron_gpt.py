@@ -86,7 +86,7 @@ def _convert(rank, world):
     import torch.nn.functional as F
     import megatron_utils as mu
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from phantom_plugin.megatron import PhantomMLP, convert_to_dense, convert_to_phantom
+    from phantom_plugin.megatron import PhantomMLP, convert_to_phantom, to_dense
     cfg = mu.make_config(world, gated_linear_unit=True, activation_func=F.silu)
     tok, lab, pos = mu.batches(1, BATCH, SEQ)[0]
     out = {}
@@ -99,7 +99,7 @@ def _convert(rank, world):
             report = convert_to_phantom(model, ghost_dim=k)
             assert all(isinstance(layer.mlp, PhantomMLP) for layer in model.decoder.layers)
             after = model(tok, pos, None)
-            assert convert_to_dense(model) == 2
+            assert to_dense(model) == 2
             back = model(tok, pos, None)
         out[k] = {"report": [(r.fc1_error, r.fc2_error, r.dense_params, r.phantom_params, str(r))
                              for r in report],
@@ -110,10 +110,10 @@ def _convert(rank, world):
 
 
 def _generate(rank, world):
-    """Greedy tokens of a phantom GPT, then of the same model after convert_to_dense; bad requests."""
+    """Greedy tokens of a phantom GPT, then of the same model after to_dense; bad requests."""
     import torch
     import megatron_utils as mu
-    from phantom_plugin.megatron import convert_to_dense, count_phantom_mlps, greedy_generate
+    from phantom_plugin.megatron import count_phantom_mlps, greedy_generate, to_dense
     model = mu.build_gpt(mu.make_config(world), _phantom_spec(), seq=SEQ)
     mu.set_params_by_name(model, rank, scale=0.3)           # varied logits: tokens depend on context
     prompt = mu.batches(1, 2, 6)[0][0]                      # [2, 6] stdlib bytes
@@ -129,7 +129,7 @@ def _generate(rank, world):
         greedy_generate(model, prompt + rank, 2)
     except ValueError as e:
         errors["differs"] = str(e)
-    n_dense = convert_to_dense(model)
+    n_dense = to_dense(model)
     dense = greedy_generate(model, prompt, SEQ - 6)
     return {"phantom": phantom.numpy(), "dense": dense.numpy(), "converted": n_dense,
             "left": count_phantom_mlps(model), "errors": errors, "logits_shard": logits.numpy()}

@@ -64,7 +64,7 @@ def _mlp_ranks(rank, world):
     import torch.nn.functional as F
     import megatron_utils as mu
     from phantom_plugin.megatron import PhantomMLP
-    from phantom_plugin.megatron.mlp import _layer_seeds
+    from phantom_plugin.init import derive_seed
     results = []
     for gated, bias, sp in CASES:
         cfg = mu.make_config(world, hidden_size=H, ffn_hidden_size=FFN, gated_linear_unit=gated,
@@ -75,7 +75,8 @@ def _mlp_ranks(rank, world):
         g = torch.Generator().manual_seed(11)
         x = torch.randn(S, B, H, generator=g, dtype=torch.float64)
         w_out = torch.randn(S, B, H, generator=g, dtype=torch.float64)
-        ref_out, ref_dx, ref_grads = _reference(x, w_out, *_layer_seeds(7, 3), world, gated, bias, cfg.activation_func)
+        seeds = derive_seed(7, 3, "linear_fc1"), derive_seed(7, 3, "linear_fc2")
+        ref_out, ref_dx, ref_grads = _reference(x, w_out, *seeds, world, gated, bias, cfg.activation_func)
         m = S // world
         x_in = x[rank * m:(rank + 1) * m] if sp else x
         x_in = x_in.clone().requires_grad_(True)
@@ -150,7 +151,7 @@ def test_single_process_without_distributed_is_dense():
     from phantom_plugin.megatron import PhantomMLP
     cfg = mu.make_config(1, hidden_size=H, ffn_hidden_size=FFN)
     mlp = PhantomMLP(cfg, ghost_dim=K)
-    assert mlp.linear_fc1.compressor is None and mlp.world == 1
+    assert mlp.linear_fc1.compressor is None and mlp.group_size == 1
     x = torch.randn(S, B, H)
     out, bias = mlp(x)
     w1, b1, w2, b2 = mlp.to_dense()
@@ -164,3 +165,18 @@ def test_single_process_without_distributed_is_dense():
     with pytest.raises(PhantomCheckpointError, match="saved at tensor-parallel size 2 .* runs at tensor-parallel size 1"):
         mlp.set_extra_state(state)
     assert mlp.state_dict()["_extra_state"]["phantom_tp_size"] == 1
+
+
+def test_layer_seeds_are_derived_per_layer_number_and_linear():
+    import megatron_utils as mu
+    from phantom_plugin.init import derive_seed
+    from phantom_plugin.megatron import PhantomMLP
+    cfg = mu.make_config(1, hidden_size=H, ffn_hidden_size=FFN)
+    seeds = set()
+    for number in (1, 2):
+        mlp = PhantomMLP(cfg, ghost_dim=K, seed=5)
+        mlp.set_layer_number(number)
+        pair = mlp.linear_fc1.seed, mlp.linear_fc2.seed
+        assert pair == (derive_seed(5, number, "linear_fc1"), derive_seed(5, number, "linear_fc2"))
+        seeds.update(pair)
+    assert len(seeds) == 4

@@ -16,8 +16,9 @@ def _check_tp(rank, p, depth):
     width, batch = 8, 6
     model = MegatronTPFFN(width, depth, group=dist.group.WORLD, seed=4, dtype=torch.float64)
     # the single-process dense model of the same weights, built from the seed alone
-    dense = [(init.dense_master(4 + l, width, width).double().requires_grad_(),
-              init.dense_bias(4 + l, width, width).double().requires_grad_()) for l in range(depth)]
+    dense = [(init.dense_master(init.derive_seed(4, l), width, width).double().requires_grad_(),
+              init.dense_bias(init.derive_seed(4, l), width, width).double().requires_grad_())
+             for l in range(depth)]
     x = torch.randn(batch, width, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with CommCounter() as counter, comm.intercept_torch_collectives():
         y = model(x)

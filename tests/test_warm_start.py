@@ -36,8 +36,8 @@ def _dense_model():
     for l in range(DEPTH):
         lin = nn.Linear(WIDTH, WIDTH, dtype=torch.float64)
         with torch.no_grad():
-            lin.weight.copy_(init.dense_master(SEED + l, WIDTH, WIDTH))
-            lin.bias.copy_(init.dense_bias(SEED + l, WIDTH, WIDTH))
+            lin.weight.copy_(init.dense_master(init.derive_seed(SEED, l), WIDTH, WIDTH))
+            lin.bias.copy_(init.dense_bias(init.derive_seed(SEED, l), WIDTH, WIDTH))
         layers += [lin] + ([nn.GELU()] if l < DEPTH - 1 else [])
     return nn.Sequential(*layers)
 

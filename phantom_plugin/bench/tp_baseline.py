@@ -5,8 +5,8 @@
 one (the column layer's input grad) backward. An odd last layer is a column layer whose output
 is all-gathered with :func:`phantom_plugin.ops.gather_from_group` (megatron's own
 ``gather_output=True`` allocates on CUDA). Weights come from :func:`phantom_plugin.init.dense_master` with the same
-seed per layer as ``PhantomFFN`` (``seed + l``), so the TP model's diagonal blocks are the
-phantom model's local blocks. Needs megatron-core (the ``megatron`` extra).
+seed per layer as ``PhantomFFN`` (``init.derive_seed(seed, l)``), so the TP model's diagonal
+blocks are the phantom model's local blocks. Needs megatron-core (the ``megatron`` extra).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ class MegatronTPFFN(nn.Module):
         self.depth, self.group = depth, group
         layers = []
         for l in range(depth):
-            master = init.dense_master(seed + l, width, width)
+            master = init.dense_master(init.derive_seed(seed, l), width, width)
 
             def init_method(w, _m=master):
                 with torch.no_grad():
@@ -69,7 +69,7 @@ class MegatronTPFFN(nn.Module):
     @torch.no_grad()
     def _init_bias(self, seed: int, width: int, p: int, rank: int) -> None:
         for l, layer in enumerate(self.layers):
-            full = init.dense_bias(seed + l, width, width)
+            full = init.dense_bias(init.derive_seed(seed, l), width, width)
             part = full if l % 2 else full[rank * width // p:(rank + 1) * width // p]
             layer.bias.copy_(part.to(layer.bias.dtype))
 

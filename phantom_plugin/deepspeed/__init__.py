@@ -10,7 +10,7 @@ has it here, Hugging Face ``Trainer`` and Accelerate included. The explicit form
 Modules: :mod:`.config` (the validated section), :mod:`.groups` (phantom x data groups, ``mpu``),
 :mod:`.engine` (``initialize``), :mod:`.remap` (optimizers built before conversion),
 :mod:`.lr_groups` (``lr_multipliers``: phantom-aware optimizer groups, scheduler scaling),
-:mod:`.export` (``export_dense``), :mod:`.hf` (Accelerate's data sharding), :mod:`.pipe`
+:mod:`.export` (``to_dense``), :mod:`.hf` (Accelerate's data sharding), :mod:`.pipe`
 (``PipelineModule`` topology and boundary guard), :mod:`.routing` (collectives through
 ``deepspeed.comm``), :mod:`.monitor` (monitor events), :mod:`.checkpoint` (the layout a
 checkpoint carries and its check), :mod:`.zero3` (``zero.Init`` models, ZeRO-3 export). Importing this package imports deepspeed;
@@ -19,11 +19,11 @@ the core package never does. To switch the section on by hand where the site hoo
 """
 from .config import PhantomConfigError, PhantomParallelConfig, load_section
 from .engine import PhantomRun, initialize
-from .export import export_dense
+from .export import to_dense
 from .groups import PhantomMPU, build_groups
 from .pipe import phantom_topology
 
-__all__ = ["initialize", "export_dense", "PhantomParallelConfig",
+__all__ = ["initialize", "to_dense", "PhantomParallelConfig",
            "PhantomConfigError", "load_section", "PhantomRun", "PhantomMPU", "build_groups",
            "phantom_topology"]
 

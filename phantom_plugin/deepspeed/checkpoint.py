@@ -17,7 +17,7 @@ calls the same ones):
   stage;
 * ``load_checkpoint`` reads that file first, on every rank (no collective: every rank reaches the
   same verdict from the same file), and raises :class:`~.config.PhantomConfigError` naming both
-  layouts -- before DeepSpeed reads or changes anything. :func:`phantom_plugin.deepspeed.export_dense`
+  layouts -- before DeepSpeed reads or changes anything. :func:`phantom_plugin.deepspeed.to_dense`
   is the way to another size: load at the saved layout, export the dense model, convert it anew.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _show(layout: dict) -> str:
 
 _FIX = ("A phantom checkpoint loads only at the layout it was saved with. To continue at another "
         "size or ghost_neurons: load it with the saved section, call "
-        "phantom_plugin.deepspeed.export_dense(engine) (the exact dense model; save_pretrained / "
+        "phantom_plugin.deepspeed.to_dense(engine) (the exact dense model; save_pretrained / "
         "torch.save it), then start the new run from that dense model with the new section")
 
 

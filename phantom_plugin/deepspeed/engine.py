@@ -112,11 +112,6 @@ def _resolve_config(args, config, config_params):
     return copy.deepcopy(load_ds_config(config)), args
 
 
-def _remap_parameters(model_parameters, model: nn.Module, before: dict[int, str]):
-    """Kept for callers of the old name; see :func:`.remap.remap_parameters`."""
-    return remap_parameters(model_parameters, model, before)
-
-
 def _deepspeed_initialize():
     """The real ``deepspeed.initialize``, without the plugin's import-hook wrapper around it."""
     fn = deepspeed.initialize
@@ -290,7 +285,7 @@ def _check_convertible(model: nn.Module, cfg: PhantomParallelConfig, pipeline: b
 
 
 def forget(model: nn.Module) -> None:
-    """Drop the record of ``model``'s conversion (after :func:`export_dense` made it dense)."""
+    """Drop the record of ``model``'s conversion (after :func:`.export.to_dense` made it dense)."""
     _RUNS.pop(model, None)
 
 

@@ -15,9 +15,10 @@ collective over its own partition group) into a plain full parameter before the 
 phantom, over the data-parallel group. The cost: each rank holds the whole model once, between
 the conversion and ``deepspeed.initialize`` (as under ZeRO 0-2).
 
-:func:`gathered` is the ``gather`` hook of :func:`phantom_plugin.convert.restore_dense` for
-``export_dense``; :func:`release` turns an engine's partitioned module back into a plain one
-(DeepSpeed's hooks removed, every parameter gathered in full) for ``save_pretrained``.
+:func:`gathered` is the ``gather`` hook of :func:`phantom_plugin.convert.to_dense` for
+:func:`phantom_plugin.deepspeed.to_dense`; :func:`release` turns an engine's partitioned module
+back into a plain one (DeepSpeed's hooks removed, every parameter gathered in full) for
+``save_pretrained``.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def materialize(model: nn.Module) -> int:
 
 
 def gathered(params: list) -> contextlib.AbstractContextManager:
-    """``restore_dense``'s ``gather`` hook: the full data of ZeRO-3 ``params`` inside the block."""
+    """``convert.to_dense``'s ``gather`` hook: the full data of ZeRO-3 ``params`` inside the block."""
     if not any(is_partitioned(p) for p in params):
         return contextlib.nullcontext()
     import deepspeed

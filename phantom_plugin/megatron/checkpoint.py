@@ -8,7 +8,7 @@ Their global shapes depend on the TP size ``p`` (fc2's ``local_weight`` is ``[h,
 checkpoint cannot load at another ``p``: megatron would stop at "Global shape mismatch".
 :func:`check_checkpoint` reads only the checkpoint's metadata file (no collective) and raises
 :class:`PhantomCheckpointError` naming both TP sizes and the way through: load at the saved size,
-:func:`~phantom_plugin.megatron.convert_to_dense`, save a stock checkpoint (megatron reshards
+:func:`~phantom_plugin.megatron.to_dense`, save a stock checkpoint (megatron reshards
 those), load it at the new size into the stock model and
 :func:`~phantom_plugin.megatron.convert_to_phantom`. :func:`load_checkpoint` checks, then loads.
 """
@@ -25,7 +25,7 @@ from .mlp import PhantomCheckpointError, PhantomMLP
 
 __all__ = ["check_checkpoint", "load_checkpoint", "save_checkpoint", "PhantomCheckpointError"]
 
-_RESHARD = ("load it at the saved size, call phantom_plugin.megatron.convert_to_dense(model) and save "
+_RESHARD = ("load it at the saved size, call phantom_plugin.megatron.to_dense(model) and save "
             "a stock checkpoint (megatron reshards those), then at the new size load it into the stock "
             "model and call convert_to_phantom(model, ghost_dim=k)")
 
@@ -77,10 +77,10 @@ def check_checkpoint(model, checkpoint_dir: str, *, metadata: Optional[dict] = N
         p_saved, k_saved = _saved_layout(saved, key[: key.rindex("linear_fc")], mlp.ffn_hidden_size)
         raise PhantomCheckpointError(
             f"checkpoint {checkpoint_dir} holds phantom MLPs saved at tensor-parallel size {p_saved} "
-            f"with ghost_dim {k_saved}, but this model runs at tensor-parallel size {mlp.world} with "
+            f"with ghost_dim {k_saved}, but this model runs at tensor-parallel size {mlp.group_size} with "
             f"ghost_dim {mlp.ghost_dim} ('{key}': saved {tuple(saved[key].global_shape)}, expected "
             f"{tuple(sh.global_shape)}). Phantom blocks depend on both. To change the TP size, "
-            f"{_RESHARD}; to change ghost_dim, convert_to_dense and convert_to_phantom at the same size")
+            f"{_RESHARD}; to change ghost_dim, call to_dense(model) then convert_to_phantom at the same size")
 
 
 def _saved_layout(saved: dict, mlp_prefix: str, ffn: int) -> tuple:

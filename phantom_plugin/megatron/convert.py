@@ -6,7 +6,7 @@ from the exact dense weights by truncated SVD (``PhantomLinear.from_dense``, Eck
 reports the relative approximation error of fc1 and fc2 per layer. Use it to compress a trained
 model for cheaper fine-tuning and inference; rebuild the optimizer afterwards.
 
-:func:`convert_to_dense` is the inverse and exact: each :class:`PhantomMLP` becomes a stock
+:func:`to_dense` is the inverse and exact: each :class:`PhantomMLP` becomes a stock
 megatron ``MLP`` (column-parallel fc1, row-parallel fc2) at the same TP size holding the
 dense-equivalent weights ``W[i,j] = D_ij C_j``. Its checkpoint is a stock one, which megatron
 reshards to any TP size; that is the path between phantom checkpoints of different TP sizes.
@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from .. import comm
 from .mlp import PhantomMLP
 
-__all__ = ["MLPConversion", "convert_to_phantom", "convert_to_dense", "dense_mlp_weights"]
+__all__ = ["MLPConversion", "convert_to_phantom", "to_dense", "dense_mlp_weights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +112,7 @@ def convert_to_phantom(model, *, ghost_dim: int, seed: int = 0) -> list[MLPConve
     return report
 
 
-def convert_to_dense(model) -> int:
+def to_dense(model) -> int:
     """Replace every :class:`PhantomMLP` of ``model`` with an exactly equivalent megatron ``MLP``.
 
     The new MLP is TP-sharded over the same group (``config.use_cpu_initialization`` decides the
@@ -124,7 +124,7 @@ def convert_to_dense(model) -> int:
         if not isinstance(mlp, PhantomMLP):
             continue
         w1, b1, w2, b2 = mlp.to_dense()
-        g, p, r = mlp.tp_group, mlp.world, comm.group_rank(mlp.tp_group)
+        g, p, r = mlp.tp_group, mlp.group_size, comm.group_rank(mlp.tp_group)
         ffn, ref = mlp.ffn_hidden_size, mlp.linear_fc1.local_weight
         dense = MLP(mlp.config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                     ffn_hidden_size=ffn, tp_group=g).to(device=ref.device, dtype=ref.dtype)
@@ -139,7 +139,7 @@ def convert_to_dense(model) -> int:
             for target, src in ((dense.linear_fc1.bias, None if b1 is None else b1[own]),
                                 (dense.linear_fc2.bias, b2)):
                 if (target is None) != (src is None):
-                    raise ValueError(f"convert_to_dense: {name}: bias presence differs between the "
+                    raise ValueError(f"to_dense: {name}: bias presence differs between the "
                                      "phantom MLP and config.add_bias_linear")
                 if target is not None:
                     target.copy_(src)

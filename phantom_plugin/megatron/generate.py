@@ -5,7 +5,7 @@ Megatron-core's inference engines (``StaticInferenceEngine``, ``DynamicInference
 they do not run on CPU. :func:`greedy_generate` is the plain loop they shortcut: rerun the whole
 sequence (no KV cache), take the argmax of the last position's logits, append, repeat. It works
 for phantom and stock models alike, so a phantom model's tokens can be compared with those of the
-same model after :func:`~phantom_plugin.megatron.convert_to_dense` (an exact conversion: the
+same model after :func:`~phantom_plugin.megatron.to_dense` (an exact conversion: the
 greedy tokens must match).
 
 The logits of a tensor-parallel ``GPTModel`` are vocab-sharded (``parallel_output=True``); the

@@ -33,6 +33,7 @@ from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
                                              make_sharded_tensors_for_checkpoint)
 
 from .. import comm, ops
+from ..init import derive_seed
 from ..layers import PhantomLinear
 from ..shapes import divisibility_error, ghost_dim_error
 
@@ -63,11 +64,6 @@ def resolve_tp_group(tp_group, pg_collection, who: str = "PhantomMLP"):
     return None
 
 
-def _layer_seeds(seed: int, layer_number: int) -> tuple[int, int]:
-    base = seed * 100_003 + 2 * layer_number
-    return base, base + 1
-
-
 class PhantomMLP(MegatronModule):
     """Phantom MLP with megatron ``MLP``'s constructor and forward contract.
 
@@ -78,8 +74,10 @@ class PhantomMLP(MegatronModule):
             ``sequence_parallel`` are read).
         submodules: ignored (kept for the spec contract).
         ghost_dim: ``k`` ghost neurons per rank, ``1 <= k <= min(h, ffn)/p``.
-        seed: initialisation seed; layer ``l``'s fc1/fc2 are seeded from ``(seed, l)`` so the
-            initial weights do not depend on TP or PP sizes.
+        seed: initialisation seed; at layer number ``l`` fc1 is seeded
+            ``derive_seed(seed, l, "linear_fc1")`` and fc2 ``derive_seed(seed, l, "linear_fc2")``
+            (:func:`phantom_plugin.init.derive_seed`), so the initial weights do not depend on
+            TP or PP sizes.
         tp_group / pg_collection: the phantom group (see :func:`resolve_tp_group`); ``tp_group``
             wins when both are given.
         ffn_hidden_size, input_size, is_expert: as megatron's ``MLP``; experts are refused.
@@ -102,7 +100,7 @@ class PhantomMLP(MegatronModule):
         ffn = ffn_hidden_size if ffn_hidden_size is not None else config.ffn_hidden_size
         _check_args(config, ghost_dim, is_expert, input_size, h, ffn, p)
         self.tp_group, self.ghost_dim, self.seed = group, ghost_dim, seed
-        self.hidden_size, self.ffn_hidden_size, self.world = h, ffn, p
+        self.hidden_size, self.ffn_hidden_size, self.group_size = h, ffn, p
         self.gated = bool(config.gated_linear_unit)
         self.sequence_parallel = bool(config.sequence_parallel) and p > 1
         self.activation_func = config.activation_func
@@ -170,7 +168,7 @@ class PhantomMLP(MegatronModule):
 
     def _fc1_rows(self) -> torch.Tensor:
         """Row order of phantom fc1 in the canonical dense fc1 (``[gate; up]`` when gated)."""
-        ffn, p = self.ffn_hidden_size, self.world
+        ffn, p = self.ffn_hidden_size, self.group_size
         if not self.gated:
             return torch.arange(ffn)
         m = ffn // p
@@ -215,7 +213,7 @@ class PhantomMLP(MegatronModule):
     # --- checkpointing ----------------------------------------------------------------------
 
     def layout(self) -> dict:
-        return {"phantom_tp_size": self.world, "ghost_dim": self.ghost_dim,
+        return {"phantom_tp_size": self.group_size, "ghost_dim": self.ghost_dim,
                 "hidden_size": self.hidden_size, "ffn_hidden_size": self.ffn_hidden_size,
                 "gated": self.gated}
 
@@ -232,7 +230,7 @@ class PhantomMLP(MegatronModule):
                 f"size {state['phantom_tp_size']} with ghost_dim {state['ghost_dim']}, this model runs at "
                 f"tensor-parallel size {mine['phantom_tp_size']} with ghost_dim {mine['ghost_dim']}. "
                 "Phantom blocks depend on both; load at the saved size, or reshard through dense weights "
-                "(phantom_plugin.megatron.convert_to_dense, then convert_to_phantom at the new size)")
+                "(phantom_plugin.megatron.to_dense, then convert_to_phantom at the new size)")
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None):
@@ -251,7 +249,12 @@ class PhantomMLP(MegatronModule):
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, ffn={self.ffn_hidden_size}, ghost_dim={self.ghost_dim}, "
-                f"p={self.world}, gated={self.gated}, sequence_parallel={self.sequence_parallel}")
+                f"p={self.group_size}, gated={self.gated}, sequence_parallel={self.sequence_parallel}")
+
+
+def _layer_seeds(seed: int, layer_number: int) -> tuple[int, int]:
+    """``(fc1, fc2)`` seeds of the MLP at ``layer_number`` (see :class:`PhantomMLP`'s ``seed``)."""
+    return derive_seed(seed, layer_number, "linear_fc1"), derive_seed(seed, layer_number, "linear_fc2")
 
 
 def _param_device(config) -> torch.device:
