@@ -14,6 +14,8 @@ from phantom_plugin import COUNTER, PhantomFFN, PhantomLinear, init
 from phantom_plugin.modeling import counts
 from phantom_plugin.blocks import dense_from_blocks
 
+pytestmark = pytest.mark.fast
+
 N_IN, N_OUT = 12, 24       # divisible by 1..4, in != out
 
 
@@ -63,7 +65,7 @@ def _check_linear(rank, p):
             torch.testing.assert_close(xs.grad, dx_ref, rtol=0, atol=1e-10)
             for name, ref in grads_ref.items():
                 torch.testing.assert_close(getattr(layer, name).grad, ref, rtol=0, atol=1e-10,
-                                           msg=lambda m: f"{name} k={k} bias={bias}: {m}")
+                                           msg=lambda m, name=name, k=k, bias=bias: f"{name} k={k} bias={bias}: {m}")
             # to_dense is the exact dense equivalent
             w, b = layer.to_dense()
             full = x @ w.t() + (b if b is not None else 0)

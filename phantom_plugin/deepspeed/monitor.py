@@ -35,7 +35,7 @@ def _energy_meter(device):
         return None
     meter = EnergyMeter(device)
     if meter.reason:
-        warnings.warn(f"phantom_parallel: {meter.reason}; logging time and bytes only")
+        warnings.warn(f"phantom_parallel: {meter.reason}; logging time and bytes only", stacklevel=2)
     return meter
 
 
