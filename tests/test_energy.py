@@ -1,7 +1,6 @@
 """EnergyMeter: NVML arithmetic against a fake pynvml module, RAPL against a temporary powercap
 tree, the None path, the explicit group sum (real gloo ranks) and the modeled energy."""
 import os
-import time
 import types
 
 import pytest
@@ -9,6 +8,8 @@ import torch
 
 from dist_utils import run_ranks
 from phantom_plugin import energy
+
+pytestmark = pytest.mark.fast
 
 
 class _NVMLError(Exception):
@@ -31,30 +32,69 @@ def fake_nvml(readings_mj, calls, supported=True):
         nvmlDeviceGetTotalEnergyConsumption=total_energy)
 
 
-def test_nvml_window_is_difference_of_millijoule_reads_after_sync():
-    calls = []
-    nvml = fake_nvml([1_000_000, 1_000_000, 1_250_500, 1_900_000], calls)
-    meter = energy.EnergyMeter(None, index=3, nvml=nvml, sync=lambda: calls.append("sync"))
+class FakeClock:
+    """Stands in for the ``time`` module inside :mod:`phantom_plugin.energy`: its clocks move
+    only when the test says (no sleeping, no dependence on the machine's load)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def process_time(self) -> float:
+        return 0.0
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    c = FakeClock()
+    monkeypatch.setattr(energy, "time", c)
+    return c
+
+
+def test_nvml_window_is_difference_of_millijoule_reads():
+    nvml = fake_nvml([1_000_000, 1_000_000, 1_250_500], [])
+    meter = energy.EnergyMeter(None, index=3, nvml=nvml)
     assert meter.source == "nvml" and meter.reason is None
     meter.begin_window("a")
     m = meter.end_window("a")
     assert m.energy_j == pytest.approx(250.5)              # (1_250_500 - 1_000_000) mJ
     assert m.source == "nvml" and "GPU" in m.scope and m.reason is None
-    assert m.short_window                                  # far below NVML's ~100 ms update
-    assert calls[1:] == ["read", "sync", "read", "sync", "read"]   # sync before every window read
+
+
+def test_nvml_syncs_before_every_window_read():
+    calls = []
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 0, 5_000], calls), sync=lambda: calls.append("sync"))
+    meter.begin_window("a")
+    meter.end_window("a")
+    assert calls == ["init", "read", "sync", "read", "sync", "read"]      # the first read: the probe
+
+
+def test_nvml_reads_once_per_window_end():
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 0, 5_000, 5_000], []))   # probe, a, a, b
+    meter.begin_window("a")
+    meter.end_window("a")
     meter.begin_window("b")
-    time.sleep(energy.UPDATE_PERIOD_S["nvml"] + 0.02)
     with pytest.raises(StopIteration):
         meter.end_window("b")                              # fake counter exhausted: proves one read per end
 
 
-def test_nvml_long_window_not_flagged():
-    nvml = fake_nvml([0, 10_000, 30_000], [])
-    meter = energy.EnergyMeter(None, index=3, nvml=nvml)
+def test_nvml_window_shorter_than_the_update_period_is_flagged(clock):
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 10_000, 30_000], []))
     meter.begin_window("w")
-    time.sleep(energy.UPDATE_PERIOD_S["nvml"] + 0.02)
+    clock.now += energy.UPDATE_PERIOD_S["nvml"] / 2
     m = meter.end_window("w")
-    assert m.energy_j == pytest.approx(20.0) and not m.short_window and m.time_s > 0.1
+    assert m.time_s == pytest.approx(energy.UPDATE_PERIOD_S["nvml"] / 2) and m.short_window
+
+
+def test_nvml_window_longer_than_the_update_period_is_not_flagged(clock):
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 10_000, 30_000], []))
+    meter.begin_window("w")
+    clock.now += energy.UPDATE_PERIOD_S["nvml"] + 0.02
+    m = meter.end_window("w")
+    assert m.energy_j == pytest.approx(20.0)
+    assert m.time_s == pytest.approx(energy.UPDATE_PERIOD_S["nvml"] + 0.02) and not m.short_window
 
 
 def test_nvml_not_supported_gives_none_with_reason():
