@@ -1,10 +1,13 @@
 """The byte counter and backend routing, on real gloo ranks."""
+import pytest
 import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
 from phantom_plugin import comm
 from phantom_plugin.comm import CommCounter, CommRecord
+
+pytestmark = pytest.mark.fast
 
 
 def _record(n):

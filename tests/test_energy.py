@@ -9,8 +9,6 @@ import torch
 from dist_utils import run_ranks
 from phantom_plugin import energy
 
-pytestmark = pytest.mark.fast
-
 
 class _NVMLError(Exception):
     pass
@@ -53,6 +51,7 @@ def clock(monkeypatch) -> FakeClock:
     return c
 
 
+@pytest.mark.fast
 def test_nvml_window_is_difference_of_millijoule_reads():
     nvml = fake_nvml([1_000_000, 1_000_000, 1_250_500], [])
     meter = energy.EnergyMeter(None, index=3, nvml=nvml)
@@ -63,6 +62,7 @@ def test_nvml_window_is_difference_of_millijoule_reads():
     assert m.source == "nvml" and "GPU" in m.scope and m.reason is None
 
 
+@pytest.mark.fast
 def test_nvml_syncs_before_every_window_read():
     calls = []
     meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 0, 5_000], calls), sync=lambda: calls.append("sync"))
@@ -71,6 +71,7 @@ def test_nvml_syncs_before_every_window_read():
     assert calls == ["init", "read", "sync", "read", "sync", "read"]      # the first read: the probe
 
 
+@pytest.mark.fast
 def test_nvml_reads_once_per_window_end():
     meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 0, 5_000, 5_000], []))   # probe, a, a, b
     meter.begin_window("a")
@@ -80,6 +81,7 @@ def test_nvml_reads_once_per_window_end():
         meter.end_window("b")                              # fake counter exhausted: proves one read per end
 
 
+@pytest.mark.fast
 def test_nvml_window_shorter_than_the_update_period_is_flagged(clock):
     meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 10_000, 30_000], []))
     meter.begin_window("w")
@@ -88,6 +90,7 @@ def test_nvml_window_shorter_than_the_update_period_is_flagged(clock):
     assert m.time_s == pytest.approx(energy.UPDATE_PERIOD_S["nvml"] / 2) and m.short_window
 
 
+@pytest.mark.fast
 def test_nvml_window_longer_than_the_update_period_is_not_flagged(clock):
     meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 10_000, 30_000], []))
     meter.begin_window("w")
@@ -97,6 +100,7 @@ def test_nvml_window_longer_than_the_update_period_is_not_flagged(clock):
     assert m.time_s == pytest.approx(energy.UPDATE_PERIOD_S["nvml"] + 0.02) and not m.short_window
 
 
+@pytest.mark.fast
 def test_nvml_not_supported_gives_none_with_reason():
     meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([], [], supported=False), sources=("nvml",))
     meter.begin_window("w")
@@ -104,6 +108,7 @@ def test_nvml_not_supported_gives_none_with_reason():
     assert m.energy_j is None and m.source == "none" and "Not Supported" in m.reason
 
 
+@pytest.mark.fast
 def test_nvml_device_found_by_pci_bus_id_and_labelled_by_it():
     calls = []
     nvml = fake_nvml([0, 5_000, 9_000], calls)
@@ -117,6 +122,7 @@ def test_nvml_device_found_by_pci_bus_id_and_labelled_by_it():
     assert "PCI bus id" in m.scope
 
 
+@pytest.mark.fast
 def test_cuda_device_that_cannot_be_identified_is_not_read_by_index():
     """torch's cuda:1 is not NVML's GPU 1 under per-rank CUDA_VISIBLE_DEVICES: no guess."""
     if torch.cuda.is_available():
@@ -135,6 +141,7 @@ def _powercap(root, uj, max_uj=2 ** 32):
         (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
 
 
+@pytest.mark.fast
 def test_rapl_reads_package_zones_and_handles_wraparound(tmp_path):
     _powercap(tmp_path, 5_000_000)
     meter = energy.EnergyMeter(torch.device("cpu"), rapl_root=str(tmp_path))
@@ -150,6 +157,7 @@ def test_rapl_reads_package_zones_and_handles_wraparound(tmp_path):
     assert meter.end_window("wrap").energy_j == pytest.approx(1.5)
 
 
+@pytest.mark.fast
 def test_unreadable_rapl_gives_none(tmp_path):
     _powercap(tmp_path, 1)
     os.chmod(tmp_path / "intel-rapl:0" / "energy_uj", 0)
@@ -164,6 +172,7 @@ def _one_window(meter):
     return meter.end_window("w")
 
 
+@pytest.mark.fast
 def test_none_path_without_counters(tmp_path):
     m = _one_window(energy.EnergyMeter(torch.device("cpu"), rapl_root=str(tmp_path / "absent")))
     assert m.energy_j is None and m.source == "none" and "rapl" in m.reason and m.per_device_j == {}
@@ -173,6 +182,7 @@ def test_none_path_without_counters(tmp_path):
         assert m.energy_j is None and m.reason
 
 
+@pytest.mark.fast
 def test_window_misuse_raises():
     meter = energy.EnergyMeter(torch.device("cpu"), sources=())
     with pytest.raises(ValueError):
@@ -182,6 +192,7 @@ def test_window_misuse_raises():
         meter.begin_window("x")
 
 
+@pytest.mark.fast
 def test_modeled_energy_is_flops_and_bytes_times_stated_constants():
     p = energy.PRESETS["h100-sxm-bf16"]
     assert p.pj_per_flop == pytest.approx(700 / 989.4)

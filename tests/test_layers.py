@@ -14,8 +14,6 @@ from phantom_plugin import COUNTER, PhantomFFN, PhantomLinear, init
 from phantom_plugin.modeling import counts
 from phantom_plugin.blocks import dense_from_blocks
 
-pytestmark = pytest.mark.fast
-
 N_IN, N_OUT = 12, 24       # divisible by 1..4, in != out
 
 
@@ -74,7 +72,7 @@ def _check_linear(rank, p):
     return checked
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", [1, pytest.param(2, marks=pytest.mark.fast), 3, 4])
 def test_linear_forward_and_every_gradient_match_dense_reference(p):
     assert run_ranks(_check_linear, p) == [_expected_cases(p)] * p
 
@@ -181,6 +179,6 @@ def _check_ffn(rank, p, width, depth, k, batch):
     return True
 
 
-@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("p", [pytest.param(2, marks=pytest.mark.fast), 4])
 def test_ffn_matches_dense_and_sends_exactly_the_cost_model(p):
     run_ranks(_check_ffn, p, 16, 3, 2, 5)
