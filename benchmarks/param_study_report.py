@@ -111,7 +111,7 @@ def main():
         r["mac_ratio"] = ratio
         cells = [f"{smooth(r['losses'], s - 1):.4f}" if s <= len(r["losses"]) else "-" for s in (50, 100, 200, 300)]
         md.append(f"| {r['width']} | {r['p']} | {r['k']} | {r['label']} | " + " | ".join(cells) + f" | {ratio:.3f} |")
-    for width, dense in sorted(denses.items()):
+    for _, dense in sorted(denses.items()):
         cells = [f"{smooth(dense['losses'], s - 1):.4f}" for s in (50, 100, 200, 300)]
         md.append(f"| {dense['width']} | dense | - | dense (TP) | " + " | ".join(cells) + " | 1.000 |")
     dense = denses.get(1024)

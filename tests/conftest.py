@@ -10,6 +10,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 _DS_SHM = "/dev/shm/deepspeed_*"
 
 
+def _remove_new_shm(before: set[str]) -> None:
+    for path in set(glob.glob(_DS_SHM)) - before:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
 @pytest.fixture(autouse=True)
 def _free_deepspeed_shm():
     """Remove the shared-memory files a test's DeepSpeed launches leave behind.
@@ -20,8 +28,13 @@ def _free_deepspeed_shm():
     """
     before = set(glob.glob(_DS_SHM))
     yield
-    for path in set(glob.glob(_DS_SHM)) - before:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+    _remove_new_shm(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_deepspeed_shm_of_module():
+    """The same for launches in module-scoped fixtures (one launch shared by several tests),
+    which run before the per-test snapshot above: their files go when the module is done."""
+    before = set(glob.glob(_DS_SHM))
+    yield
+    _remove_new_shm(before)

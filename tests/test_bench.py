@@ -52,6 +52,7 @@ def test_markdown_and_plots_written(bench_out):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.fast
 def test_grid_arguments():
     args = cli.parse_args(["--width", "64,128", "--ranks", "2,4", "--ghosts", "4,8", "--modes", "phantom"])
     specs = runs.grid_specs(args)
@@ -62,6 +63,7 @@ def test_grid_arguments():
         cli.parse_args(["--modes", "dp"])
 
 
+@pytest.mark.fast
 def test_to_target_counts_steps_time_and_energy():
     r = {"losses": [5, 4, 3, 2, 1, 1], "step_times_s": [1.0] * 6, "step_cpu_s": [2.0] * 6,
          "energy_j_per_step": None, "energy_j_modeled_per_step": 0.5}

@@ -10,6 +10,8 @@ from dist_utils import run_ranks
 from phantom_plugin import comm
 from phantom_plugin.comm import CommCounter, CommRecord
 
+pytestmark = pytest.mark.fast
+
 
 def _record(n):
     return CommRecord("all_gather", "ring", 2, n, torch.float32, 4 * n, 2 * n)

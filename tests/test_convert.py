@@ -18,6 +18,8 @@ from torch import nn
 from dist_utils import run_ranks
 from phantom_plugin.convert import PhantomEdgeLinear, convert_modules, find_matches
 
+pytestmark = pytest.mark.fast
+
 
 class FcMLP(nn.Module):
     def __init__(self, h, f):

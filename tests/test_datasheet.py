@@ -8,6 +8,8 @@ import pytest
 from phantom_plugin.cli import plan
 from phantom_plugin.modeling import counts, datasheet, devices, step_model
 
+pytestmark = pytest.mark.fast
+
 H100 = devices.DEVICES["h100-sxm"]
 LINK = datasheet.Link(bytes_per_s=100e9, latency_s=5e-6, words="test link")
 
@@ -71,18 +73,31 @@ def test_extrapolate_sums_the_terms(ranks, k):
     assert ext["extrapolation"]["link_bytes_per_s"] == (450e9 if ranks <= 8 else 50e9)
 
 
-def test_link_for_and_errors():
+def test_link_within_a_node_is_the_datasheets():
     assert datasheet.link_for(H100, 8).bytes_per_s == 450e9
+
+
+def test_link_across_nodes_is_a_stated_assumption():
     across = datasheet.link_for(H100, 16)
     assert across.bytes_per_s == 50e9 and "2 nodes" in across.words and "assumption" in across.words
+
+
+def test_link_given_by_the_user_is_used_and_labelled():
     given = datasheet.link_for(H100, 16, gpus_per_node=16, bytes_per_s=200e9, latency_s=0.0)
     assert (given.bytes_per_s, given.latency_s) == (200e9, 0.0) and "given" in given.words
-    with pytest.raises(ValueError, match="bytes_per_s"):
-        datasheet.link_for(H100, 2, bytes_per_s=0.0)
-    with pytest.raises(ValueError, match="unknown device 'b200'.*a100-sxm"):
-        datasheet.extrapolate(64, 2, 2, 4, 8, "bf16", "b200")
-    with pytest.raises(ValueError, match="efficiency"):
-        datasheet.extrapolate(64, 2, 2, 4, 8, "bf16", "h100-sxm", efficiency=1.5)
+
+
+@pytest.mark.parametrize("call, text", [
+    (lambda: datasheet.link_for(H100, 2, bytes_per_s=0.0), "bytes_per_s"),
+    (lambda: datasheet.extrapolate(64, 2, 2, 4, 8, "bf16", "b200"), "unknown device 'b200'.*a100-sxm"),
+    (lambda: datasheet.extrapolate(64, 2, 2, 4, 8, "bf16", "h100-sxm", efficiency=1.5), "efficiency"),
+], ids=["zero-bandwidth", "unknown-device", "efficiency-above-1"])
+def test_bad_datasheet_input_names_the_field(call, text):
+    with pytest.raises(ValueError, match=text):
+        call()
+
+
+def test_float32_uses_the_fp32_peak():
     assert datasheet.extrapolate(64, 2, 2, 4, 8, "float32", "a100-sxm")["extrapolation"]["matmul_flops_per_s"] == 19.5e12
 
 

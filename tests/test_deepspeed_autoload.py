@@ -106,6 +106,7 @@ print(json.dumps(res))""", flags=("-S",))
     assert r["hook"] is True and r["torch"] is False and r["ds_wrapped"] is True
 
 
+@pytest.mark.fast
 def test_wrapper_routes_only_configs_with_the_section(tmp_path, monkeypatch):
     """In this process: a bad section reaches the
     plugin's validation through plain ``deepspeed.initialize``; no section reaches DeepSpeed."""

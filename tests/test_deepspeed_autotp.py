@@ -29,18 +29,36 @@ def _close(a, b, rtol):
     return np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=rtol, atol=1e-7)
 
 
-def test_autotp_attention_with_phantom_mlps(tmp_path):
+@pytest.fixture(scope="module")
+def autotp(tmp_path_factory) -> list[dict]:
+    """One launch of 2 ranks: AutoTP on attention, phantom MLPs; every rank's results."""
     from test_deepspeed_launcher import launch_results
-    res = launch_results(2, Path(__file__), tmp_path, timeout=600)
-    for r in res:
+    return launch_results(2, Path(__file__), tmp_path_factory.mktemp("autotp"), timeout=600)
+
+
+@pytest.mark.slow
+def test_autotp_shards_attention_and_leaves_the_mlps_to_phantom(autotp):
+    for r in autotp:
         assert r["attn_types"] == ["LinearAllreduce", "LinearLayer"], r["attn_types"]
         assert r["mlp_types"] == ["PhantomEdgeLinear"], r["mlp_types"]
         assert r["q_rows"] == 32 // 2
-        assert abs(r["tp_losses"][0] - r["dense_loss0"]) < 1e-5 * r["dense_loss0"]
-        assert min(r["ref_norms"]) > CLIP
+
+
+@pytest.mark.slow
+def test_autotp_first_loss_is_the_dense_one(autotp):
+    for r in autotp:
+        assert abs(r["tp_losses"][0] - r["dense_loss0"]) < 1e-5 * r["dense_loss0"], (r["tp_losses"][0],
+                                                                                     r["dense_loss0"])
+
+
+@pytest.mark.slow
+def test_autotp_trains_like_the_float64_twin(autotp):
+    """Losses and global grad norms (clipping active) of the twin, rtol 1e-4; the loss goes down."""
+    for r in autotp:
+        assert min(r["ref_norms"]) > CLIP, "clipping must be active for the grad-norm check"
         assert _close(r["tp_losses"], r["ref_losses"], 1e-4), (r["tp_losses"], r["ref_losses"])
         assert _close(r["tp_norms"], r["ref_norms"], 1e-4), (r["tp_norms"], r["ref_norms"])
-        assert r["tp_losses"][-1] < r["tp_losses"][0]
+        assert r["tp_losses"][-1] < r["tp_losses"][0], r["tp_losses"]
 
 
 def _ds(**tp):
@@ -64,6 +82,7 @@ def _llama():
     return LlamaForCausalLM(conf)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("tp, text", [
     ({"autotp_size": 4}, "tensor_parallel.autotp_size: 4 differs from phantom_parallel.size=2"),
     ({"partition_config": None}, "tensor_parallel.partition_config: with phantom_parallel, AutoTP must"),

@@ -15,29 +15,62 @@ import copy
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow       # every test here launches ranks (about a minute a launch)
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from test_deepspeed_launcher import WIDTH, _batch, _config, _nets, launch_results  # noqa: E402
 
 
-def test_resume_is_bit_exact_and_other_layouts_refused(tmp_path):
-    res = launch_results(4, Path(__file__), tmp_path, timeout=600)
-    for r in res:
-        for stage in ("0", "1", "2", "pipe"):
-            cont, resumed = r["continued"][stage], r["resumed"][stage]
-            assert cont == resumed, (stage, cont, resumed)           # bit-identical
-            assert r["fresh"][stage] != cont, stage                  # the load did something
-        for stage in ("0", "1", "2"):   # default groups: factors at half the lr (k = n/p), all warmed up
-            lrs = dict((kind, lr) for kind, lr in r["group_lrs"][stage])
-            assert abs(lrs["local"] - 1e-2) < 1e-12 and abs(lrs["compressor"] - 5e-3) < 1e-12, (stage, lrs)
-        for what, want in (("ghost", ("ghost_neurons=8", "ghost_neurons=3")),
-                           ("size", ("size=2", "size=4"))):
-            msg = r["refused"][what]
-            assert all(w in msg for w in want), (what, msg)
-            assert "deepspeed.to_dense(engine)" in msg and "Nothing was loaded" in msg, msg
-            assert r["untouched"][what] is True, what
-    assert (tmp_path / "z1" / "global_step3" / "phantom_parallel.json").exists()
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[list[dict], Path]:
+    """The one launch: every rank's results and the checkpoint folder."""
+    tmp = tmp_path_factory.mktemp("checkpoint")
+    return launch_results(4, Path(__file__), tmp, timeout=600), tmp
+
+
+@pytest.mark.parametrize("stage", ["0", "1", "2", "pipe"])
+def test_resume_is_bit_exact(run, stage):
+    for r in run[0]:
+        cont, resumed = r["continued"][stage], r["resumed"][stage]
+        assert cont == resumed, (cont, resumed)
+
+
+@pytest.mark.parametrize("stage", ["0", "1", "2", "pipe"])
+def test_load_changes_a_fresh_engine(run, stage):
+    """Not vacuous: without the load, a fresh engine's 3 steps differ."""
+    for r in run[0]:
+        assert r["fresh"][stage] != r["continued"][stage]
+
+
+@pytest.mark.parametrize("stage", ["0", "1", "2"])
+def test_resumed_groups_keep_their_multipliers(run, stage):
+    """Default groups after the load: the factors at half the lr (k = n/p), all warmed up."""
+    for r in run[0]:
+        lrs = dict((kind, lr) for kind, lr in r["group_lrs"][stage])
+        assert abs(lrs["local"] - 1e-2) < 1e-12 and abs(lrs["compressor"] - 5e-3) < 1e-12, lrs
+
+
+@pytest.mark.parametrize("what, want", [("ghost", ("ghost_neurons=8", "ghost_neurons=3")),
+                                        ("size", ("size=2", "size=4"))])
+def test_other_layout_is_refused_naming_both_and_the_fix(run, what, want):
+    for r in run[0]:
+        msg = r["refused"][what]
+        assert all(w in msg for w in want), msg
+        assert "deepspeed.to_dense(engine)" in msg and "Nothing was loaded" in msg, msg
+
+
+@pytest.mark.parametrize("what", ["ghost", "size"])
+def test_refused_load_leaves_the_model_untouched(run, what):
+    for r in run[0]:
+        assert r["untouched"][what] is True
+
+
+def test_checkpoint_records_the_phantom_layout(run):
+    assert (run[1] / "z1" / "global_step3" / "phantom_parallel.json").exists()
 
 
 # ============================== rank side (under the launcher) ==============================

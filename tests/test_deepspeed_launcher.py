@@ -21,7 +21,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow       # every test here launches ranks (about a minute a launch)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -48,10 +53,10 @@ def launch(n: int, script: Path, args: list[str], timeout: float = 420, expect_f
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
-        raise AssertionError(f"launcher timed out after {timeout} s:\n{out[-6000:]}") from None
+        raise AssertionError(f"launcher timed out after {timeout} s:\n{out[-6000:]}") from e
     assert (proc.returncode != 0) == expect_fail, f"launcher exit code {proc.returncode}:\n{out[-8000:]}"
     return out
 
@@ -76,72 +81,192 @@ def _close(a, b, rtol):
     return np.allclose(np.asarray(a, dtype=float), np.asarray(b, dtype=float), rtol=rtol, atol=1e-7)
 
 
-def test_two_ranks_exact_comms_monitor_disabled(tmp_path):
-    """size 2 (dp 1): exact match with dense, ghost-sized messages in the comms log, bf16 wire,
-    monitor events, and ``enabled: false`` behaving like plain DeepSpeed."""
-    res = run_case("two", 2, tmp_path)
-    for r in res:
+# One launch per case, shared by the tests of that case (a launch costs about a minute).
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory) -> list[dict]:
+    """Case ``two``: size 2 (dp 1); both ranks' results."""
+    return run_case("two", 2, tmp_path_factory.mktemp("two"))
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory) -> list[dict]:
+    """Case ``zero``: 4 ranks, phantom size 2 x data 2, ZeRO stages 0, 1, 2."""
+    return run_case("zero", 4, tmp_path_factory.mktemp("zero"))
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory) -> list[dict]:
+    """Case ``pipe``: 4 ranks, pipe 2 x phantom 2."""
+    return run_case("pipe", 4, tmp_path_factory.mktemp("pipe"))
+
+
+@pytest.fixture(scope="module")
+def flag(tmp_path_factory) -> list[dict]:
+    """Case ``flag``: a plain ``deepspeed.initialize`` script, 2 ranks."""
+    return run_case("flag", 2, tmp_path_factory.mktemp("flag"))
+
+
+@pytest.fixture(scope="module")
+def mult(tmp_path_factory) -> list[dict]:
+    """Case ``mult``: ``lr_multipliers`` settings, 2 ranks (one phantom group)."""
+    return run_case("mult", 2, tmp_path_factory.mktemp("mult"))
+
+
+def _sizes(log: dict, op: str) -> set[int]:
+    """Message sizes (bytes) DeepSpeed's comms logger recorded for ``op``."""
+    return {int(s) for s in log.get(op, [])}
+
+
+# ---- case two: size 2, one data-parallel replica
+
+def test_two_converts_target_modules_and_their_edges(two):
+    """``target_modules`` converts both MLPs; their 4 linears become phantom edge layers."""
+    for r in two:
         assert r["converted"] == ["blocks.0.mlp", "blocks.1.mlp"]
         assert r["edge_layers"] == 4
+
+
+def test_two_exact_ghosts_start_at_the_dense_loss(two):
+    """With ``ghost_neurons = width/size`` the first loss is the dense model's (rtol 1e-6)."""
+    for r in two:
+        assert abs(r["exact_losses"][0] - r["dense_loss0"]) < 1e-6 * r["dense_loss0"], (r["exact_losses"][0],
+                                                                                         r["dense_loss0"])
+
+
+def test_two_exact_ghosts_train_like_the_float64_twin(two):
+    """Exact phantom training (clipping active) follows the float64 twin to rtol 1e-4 and learns."""
+    for r in two:
         assert min(r["ref_norms"]) > CLIP, "clipping must be active for the grad-norm check"
-        assert abs(r["exact_losses"][0] - r["dense_loss0"]) < 1e-6 * r["dense_loss0"]
         assert _close(r["exact_losses"], r["ref_losses"], 1e-4), (r["exact_losses"], r["ref_losses"])
+        assert r["exact_losses"][-1] < 0.8 * r["exact_losses"][0], r["exact_losses"]
+
+
+def test_two_k3_trains_like_the_float64_twin(two):
+    """``ghost_neurons`` 3 < width/size: the losses of the twin with the same truncated blocks."""
+    for r in two:
         assert _close(r["k3_losses"], r["ref_k3_losses"], 1e-4), (r["k3_losses"], r["ref_k3_losses"])
-        assert r["exact_losses"][-1] < 0.8 * r["exact_losses"][0]
-        # comms log: ghost all-gather input [B, k] = 4 x 3 fp32 = 48 bytes, bf16 24 bytes;
-        # ghost reduce-scatter input [p, B, k] = 96 bytes (on gloo an all-to-all plus local sum)
-        assert r["counter_ghost_numel"] == 2 * MICRO * 3
-        # the route is the engine's: a phantom collective outside its calls uses torch.distributed
+
+
+def test_two_counter_records_ghost_sized_gathers(two):
+    """The byte counter's forward ghost all-gather holds ``[p, B, k]`` = 2 x 4 x 3 elements."""
+    for r in two:
+        assert r["counter_ghost_numel"] == 2 * MICRO * 3, r["counter_ghost_numel"]
+
+
+def test_two_route_is_the_engines_only(two):
+    """After ``initialize`` returned, a phantom collective outside the engine's calls goes through
+    torch.distributed (counted in fp32), one inside the engine's forward through deepspeed.comm."""
+    for r in two:
         calls = r["ds_calls"]
         assert calls["outside"] == 0 and calls["in_forward"] > 0 and calls["outside_bytes"] == 3 * 4, calls
-        assert r["bf16_losses"][-1] < 0.8 * r["bf16_losses"][0]
-        assert _close(r["bf16_losses"], r["k3_losses"], 2e-2)
-        assert r["monitor_events"] and all(v > 0 for v in r["monitor_events"].values())
-        assert r["disabled_plain"] and _close(r["disabled_losses"], r["ref_dp2_losses"], 1e-4)
-    log = res[0]["comms"]
-    assert "48" in log["all_gather_into_tensor"] and "24" in log["all_gather_into_tensor"], log
-    assert "96" in log["all_to_all_single"], log
-    assert {"Phantom_seconds_per_step", "Phantom_samples_per_second",
-            "Phantom_comm_bytes_per_step"} <= set(res[0]["csv_files"]), res[0]["csv_files"]
 
 
-def test_phantom_x_data_zero_0_1_2(tmp_path):
-    """4 ranks, size 2 x data 2: ZeRO 0/1/2 give the dense losses and its global grad norm."""
-    res = run_case("zero", 4, tmp_path)
-    for r in res:
+def test_two_bf16_wire_trains_close_to_fp32(two):
+    """``comm_dtype: bf16`` learns and stays within bf16 rounding (rtol 2e-2) of the fp32 wire."""
+    for r in two:
+        assert r["bf16_losses"][-1] < 0.8 * r["bf16_losses"][0], r["bf16_losses"]
+        assert _close(r["bf16_losses"], r["k3_losses"], 2e-2), (r["bf16_losses"], r["k3_losses"])
+
+
+def test_two_comms_log_has_ghost_sized_messages(two):
+    """DeepSpeed's comms logger sees the ghost collectives: all-gather input ``[B, k]`` = 4 x 3
+    fp32 = 48 bytes (24 in bf16); reduce-scatter input ``[p, B, k]`` = 96 bytes (on gloo an
+    all-to-all plus a local sum)."""
+    log = two[0]["comms"]
+    assert {48, 24} <= _sizes(log, "all_gather_into_tensor"), log
+    assert 96 in _sizes(log, "all_to_all_single"), log
+
+
+def test_two_monitor_writes_phantom_events(two):
+    """``log_interval`` writes positive time, throughput and traffic events (energy when a
+    counter exists) and the csv monitor turns them into one file each on rank 0."""
+    want = {"Phantom/seconds_per_step", "Phantom/samples_per_second", "Phantom/comm_bytes_per_step"}
+    for r in two:
+        events = r["monitor_events"]
+        assert want <= set(events) <= want | {"Phantom/energy_joules_per_step"}, events
+        assert all(v > 0 for v in events.values()), events
+    csv = {f for f in two[0]["csv_files"] if f.startswith("Phantom_")}
+    assert csv == {e.replace("/", "_") for e in two[0]["monitor_events"]}, two[0]["csv_files"]
+
+
+def test_two_disabled_section_is_plain_deepspeed(two):
+    """``enabled: false``: no mpu, no phantom state, no converted layer; the dense data-parallel
+    losses."""
+    for r in two:
+        assert r["disabled_plain"] is True
+        assert _close(r["disabled_losses"], r["ref_dp2_losses"], 1e-4), (r["disabled_losses"], r["ref_dp2_losses"])
+
+
+# ---- case zero: size 2 x data 2
+
+def test_zero_groups_phantom_varies_fastest(zero):
+    """Global ranks ``2d, 2d+1`` form a phantom group; ``r % 2, r % 2 + 2`` a data group."""
+    for r in zero:
         assert r["phantom_ranks"] == [r["rank"] // 2 * 2, r["rank"] // 2 * 2 + 1]
         assert r["data_ranks"] == [r["rank"] % 2, r["rank"] % 2 + 2]
-        for stage in ("0", "1", "2"):
-            assert _close(r["losses"][stage], r["ref_losses"], 1e-4), (stage, r["losses"][stage], r["ref_losses"])
-        assert _close(r["losses"]["1"], r["losses"]["2"], 1e-5) and _close(r["losses"]["0"], r["losses"]["2"], 1e-5)
-        for stage in ("1", "2"):     # ZeRO-0 in fp32 does not keep the norm
-            assert _close(r["norms"][stage], r["ref_norms"], 1e-4), (stage, r["norms"][stage], r["ref_norms"])
 
 
-def test_pipe_x_model(tmp_path):
-    """4 ranks, pipe 2 x model 2: boundary partitioning off, losses equal the dense ones; with
-    ``lr_multipliers`` and a ``WarmupLR`` those of the float64 twin trained with per-kind lrs."""
-    res = run_case("pipe", 4, tmp_path)
-    for r in res:
+@pytest.mark.parametrize("stage", ["0", "1", "2"])
+def test_zero_stage_trains_like_the_float64_twin(zero, stage):
+    """Each ZeRO stage gives the twin's losses (rtol 1e-4) and the others' (rtol 1e-5)."""
+    for r in zero:
+        assert _close(r["losses"][stage], r["ref_losses"], 1e-4), (r["losses"][stage], r["ref_losses"])
+        assert _close(r["losses"][stage], r["losses"]["2"], 1e-5), (r["losses"][stage], r["losses"]["2"])
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])       # ZeRO-0 in fp32 does not keep the norm
+def test_zero_stage_reports_the_global_grad_norm(zero, stage):
+    for r in zero:
+        assert _close(r["norms"][stage], r["ref_norms"], 1e-4), (r["norms"][stage], r["ref_norms"])
+
+
+# ---- case pipe: pipe 2 x phantom 2
+
+def test_pipe_turns_boundary_partitioning_off(pipe):
+    for r in pipe:
         assert r["pipe_partitioned"] is False and r["grad_partitioned"] is False
+
+
+def test_pipe_each_stage_converts_its_own_mlp(pipe):
+    assert sorted(r["converted"] for r in pipe) == [["1.mlp"]] * 2 + [["2.mlp"]] * 2
+
+
+def test_pipe_trains_like_the_float64_twin(pipe):
+    for r in pipe:
         assert _close(r["losses"], r["ref_losses"], 1e-4), (r["losses"], r["ref_losses"])
-        assert r["losses"][-1] < 0.8 * r["losses"][0]
-    assert sorted(r["converted"] for r in res) == [["1.mlp"]] * 2 + [["2.mlp"]] * 2
-    for r in res:       # "lr_multipliers": "auto" with a WarmupLR: per-kind lrs, the float64 twin's losses
+        assert r["losses"][-1] < 0.8 * r["losses"][0], r["losses"]
+
+
+def test_pipe_lr_multipliers_auto_with_warmup(pipe):
+    """``"lr_multipliers": "auto"`` with a ``WarmupLR``: the factors' groups at x 0.5 and the
+    losses of the float64 twin trained with per-kind lrs (not those of one lr)."""
+    for r in pipe:
         assert ["compressor", 0.5] in r["mult_groups"] and ["decompressor", 0.5] in r["mult_groups"], r["mult_groups"]
         assert _close(r["mult_losses"], r["ref_mult_losses"], 1e-4), (r["mult_losses"], r["ref_mult_losses"])
         assert not _close(r["mult_losses"], r["losses"], 1e-3)
 
 
-def test_flag_alone_in_a_plain_deepspeed_script(tmp_path):
-    """``deepspeed.initialize`` itself (the import hook) applies the section; ranks of one phantom
-    group fed different batches (sharded by global rank) both raise, naming the layer and the fix."""
-    res = run_case("flag", 2, tmp_path)
-    for r in res:
-        assert r["plugin_imported_before"] is False and r["converted"] == ["blocks.0.mlp", "blocks.1.mlp"]
-        assert abs(r["loss0"] - r["dense_loss0"]) < 1e-6 * r["dense_loss0"]
+# ---- case flag: the config section alone, in a plain DeepSpeed script
+
+# what the site hook (phantom_plugin_autoload.pth) imports at interpreter start: no torch, no layers
+HOOK_MODULES = {"phantom_plugin", "phantom_plugin.integrations", "phantom_plugin.integrations.deepspeed_autoload"}
+
+
+def test_flag_import_hook_applies_the_section(flag):
+    """``deepspeed.initialize`` itself (the import hook; the script imports nothing of the plugin,
+    only the hook is loaded at start) converts the target modules, and the first loss is the dense one."""
+    for r in flag:
+        assert set(r["plugin_imported_before"]) <= HOOK_MODULES, r["plugin_imported_before"]
+        assert r["converted"] == ["blocks.0.mlp", "blocks.1.mlp"]
+        assert abs(r["loss0"] - r["dense_loss0"]) < 1e-6 * r["dense_loss0"], (r["loss0"], r["dense_loss0"])
+
+
+def test_flag_batches_sharded_by_global_rank_raise(flag):
+    """Ranks of one phantom group fed different batches both raise, naming the layer and the fix."""
+    for r in flag:
         assert "phantom layer 'blocks.0.mlp.fc1': its input differs across the ranks" in r["mismatch"], r["mismatch"]
-        assert "shard data by data-parallel rank" in r["mismatch"]
+        assert "shard data by data-parallel rank" in r["mismatch"], r["mismatch"]
 
 
 def _warmup_lr(it: int) -> float:
@@ -149,39 +274,73 @@ def _warmup_lr(it: int) -> float:
     return LR_MIN + (LR - LR_MIN) * min(max(it, 0) / WARM, 1.0)
 
 
-def test_lr_multipliers_groups_scheduler_and_reference(tmp_path):
-    """2 ranks (one phantom group), ``ghost_neurons`` 3 < width/size = 8, AdamW with weight decay
-    and a linear ``WarmupLR`` in the config: with ``"lr_multipliers": "auto"`` (ZeRO 0, 2, 3) the
-    factors' groups get lr x 1/(1+3/8) at every step of the warm-up and the losses are those of a
-    float64 twin trained with those per-kind lrs (and not those of one lr); an explicit object
-    (ZeRO-1) likewise; ``false`` keeps one group and the plain trajectory; a client optimizer with
-    an explicit object raises naming the field, with ``"auto"`` rank 0 prints how to apply them."""
-    res = run_case("mult", 2, tmp_path)
-    m = 1 / (1 + K_MULT / (WIDTH // 2))
-    auto = {"compressor": m, "decompressor": m}
-    explicit = {"local": 0.5, "compressor": m, "decompressor": 2.0, "other": 1.5}
-    for r in res:
-        assert r["ref_auto"] != r["ref_off"] and not _close(r["ref_auto"], r["ref_off"], 1e-3)
-        for name, want, ref in [("auto0", auto, "ref_auto"), ("auto2", auto, "ref_auto"),
-                                ("auto3", auto, "ref_auto"), ("explicit1", explicit, "ref_explicit")]:
-            run = r[name]
-            assert sorted(k for k, _ in run["groups"]) == ["bias", "compressor", "decompressor", "local", "other"]
-            for kind, mult in run["groups"]:
-                assert abs(mult - want.get(kind, 1.0)) < 1e-12, (name, kind, mult)
-            for step, lrs in enumerate(run["lrs"]):         # (a) scheduler lr x lr_mult, every group
-                for (kind, _), lr in zip(run["groups"], lrs):
-                    assert abs(lr - _warmup_lr(step) * want.get(kind, 1.0)) < 1e-12 * LR, (name, step, kind, lr)
-            assert run["decay"] == [DECAY] * 5, run["decay"]
-            assert _close(run["losses"], r[ref], 1e-4), (name, run["losses"], r[ref])       # (b)
-        assert r["off"]["groups"] == [[None, None]]                                          # (c)
-        assert all(abs(lrs[0] - _warmup_lr(s)) < 1e-12 * LR for s, lrs in enumerate(r["off"]["lrs"]))
-        assert _close(r["off"]["losses"], r["ref_off"], 1e-4), (r["off"]["losses"], r["ref_off"])
+# ---- case mult: 2 ranks, ghost_neurons 3 < width/size = 8, AdamW with weight decay, linear WarmupLR
+
+_M = 1 / (1 + K_MULT / (WIDTH // 2))                        # "auto": lr x 1/(1 + k/(n/p)) for the factors
+_AUTO = {"compressor": _M, "decompressor": _M}
+_EXPLICIT = {"local": 0.5, "compressor": _M, "decompressor": 2.0, "other": 1.5}
+_MULT_RUNS = [("auto0", _AUTO, "ref_auto"), ("auto2", _AUTO, "ref_auto"), ("auto3", _AUTO, "ref_auto"),
+              ("explicit1", _EXPLICIT, "ref_explicit")]     # run (setting + ZeRO stage), multipliers, twin
+
+
+def test_mult_twins_differ(mult):
+    """Not vacuous: per-kind lrs change the float64 twin's trajectory."""
+    for r in mult:
+        assert not _close(r["ref_auto"], r["ref_off"], 1e-3), (r["ref_auto"], r["ref_off"])
+
+
+@pytest.mark.parametrize("run, want, ref", _MULT_RUNS, ids=[n for n, _, _ in _MULT_RUNS])
+def test_mult_groups_by_kind_with_multipliers(mult, run, want, ref):
+    """One optimizer group per kind, each with its multiplier (1 for kinds not given)."""
+    for r in mult:
+        groups = r[run]["groups"]
+        assert sorted(k for k, _ in groups) == ["bias", "compressor", "decompressor", "local", "other"]
+        for kind, m in groups:
+            assert abs(m - want.get(kind, 1.0)) < 1e-12, (kind, m)
+
+
+@pytest.mark.parametrize("run, want, ref", _MULT_RUNS, ids=[n for n, _, _ in _MULT_RUNS])
+def test_mult_scheduler_lr_times_multiplier(mult, run, want, ref):
+    """At every step of the warm-up each group's lr is the scheduler's lr x its multiplier."""
+    for r in mult:
+        for step, lrs in enumerate(r[run]["lrs"]):
+            for (kind, _), lr in zip(r[run]["groups"], lrs):
+                assert abs(lr - _warmup_lr(step) * want.get(kind, 1.0)) < 1e-12 * LR, (step, kind, lr)
+
+
+@pytest.mark.parametrize("run, want, ref", _MULT_RUNS, ids=[n for n, _, _ in _MULT_RUNS])
+def test_mult_keeps_weight_decay(mult, run, want, ref):
+    for r in mult:
+        assert r[run]["decay"] == [DECAY] * 5, r[run]["decay"]
+
+
+@pytest.mark.parametrize("run, want, ref", _MULT_RUNS, ids=[n for n, _, _ in _MULT_RUNS])
+def test_mult_trains_like_the_per_kind_twin(mult, run, want, ref):
+    for r in mult:
+        assert _close(r[run]["losses"], r[ref], 1e-4), (r[run]["losses"], r[ref])
+
+
+def test_mult_false_keeps_one_group_and_the_plain_trajectory(mult):
+    for r in mult:
+        off = r["off"]
+        assert off["groups"] == [[None, None]]
+        assert all(abs(lrs[0] - _warmup_lr(s)) < 1e-12 * LR for s, lrs in enumerate(off["lrs"])), off["lrs"]
+        assert _close(off["losses"], r["ref_off"], 1e-4), (off["losses"], r["ref_off"])
+
+
+def test_mult_explicit_with_client_optimizer_raises(mult):
+    """An explicit object with a client optimizer raises, naming the field."""
+    for r in mult:
         assert "phantom_parallel.lr_multipliers: {'compressor': 0.5} asks for explicit multipliers, but an " \
-               "optimizer was passed" in r["client_explicit"], r["client_explicit"]             # (d)
-        assert r["client_auto_groups"] == 1
-    assert "phantom_parallel.lr_multipliers: \"auto\" not applied" in res[0]["client_auto_out"]
-    assert "phantom_plugin.param_groups" in res[0]["client_auto_out"]
-    assert "lr_multipliers" not in res[1]["client_auto_out"]
+               "optimizer was passed" in r["client_explicit"], r["client_explicit"]
+
+
+def test_mult_auto_with_client_optimizer_advises_on_rank_0(mult):
+    """``"auto"`` with a client optimizer leaves its one group; rank 0 (only) prints how to apply them."""
+    assert [r["client_auto_groups"] for r in mult] == [1, 1]
+    assert "phantom_parallel.lr_multipliers: \"auto\" not applied" in mult[0]["client_auto_out"]
+    assert "phantom_plugin.param_groups" in mult[0]["client_auto_out"]
+    assert "lr_multipliers" not in mult[1]["client_auto_out"]
 
 
 def test_example_ffn_script_trains(tmp_path):
@@ -202,6 +361,18 @@ def test_example_pipe_script_trains(tmp_path):
     line = [ln for ln in out.splitlines() if "done: loss" in ln][-1]
     first, last = (float(v) for v in line.split("done: loss")[1].split("in")[0].split("->"))
     assert last < 0.7 * first, line
+
+
+def test_bad_config_under_launcher_exits_fast(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads((ROOT / "ds_configs/phantom_ffn.json").read_text()),
+                               "phantom_parallel": {"enabled": True, "size": 2, "ghost_neuron": 32,
+                                                    "target_modules": ["mlp"]}}))
+    t0 = time.time()
+    out = launch(2, ROOT / "examples/train_ffn_deepspeed.py",
+                 ["--steps", "2", "--deepspeed", "--deepspeed_config", str(bad)], expect_fail=True, timeout=240)
+    assert "phantom_parallel.ghost_neuron: Extra inputs are not permitted" in out, out[-3000:]
+    assert time.time() - t0 < 200
 
 
 # ============================== rank side (under the launcher) ==============================
@@ -574,7 +745,7 @@ def _main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--local_rank", type=int, default=0)
     args = ap.parse_args()
-    plugin_imported_before = any(m == "phantom_plugin" or m.startswith("phantom_plugin.") for m in sys.modules)
+    plugin_imported_before = sorted(m for m in sys.modules if m == "phantom_plugin" or m.startswith("phantom_plugin."))
     import torch
     import torch.distributed as dist
     torch.set_num_threads(1)

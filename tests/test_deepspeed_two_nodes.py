@@ -15,6 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow       # every test here launches ranks (about a minute a launch)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
@@ -39,10 +43,10 @@ def test_two_nodes_phantom_groups_inside_a_node(tmp_path):
     try:
         for a in agents:
             outs.append(a.communicate(timeout=600)[0])
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
         for a in agents:
             os.killpg(a.pid, signal.SIGKILL)
-        raise AssertionError("two-node run timed out")
+        raise AssertionError("two-node run timed out") from e
     for a, out in zip(agents, outs):
         assert a.returncode == 0, out[-6000:]
     res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]

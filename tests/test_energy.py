@@ -1,7 +1,6 @@
 """EnergyMeter: NVML arithmetic against a fake pynvml module, RAPL against a temporary powercap
 tree, the None path, the explicit group sum (real gloo ranks) and the modeled energy."""
 import os
-import time
 import types
 
 import pytest
@@ -32,32 +31,77 @@ def fake_nvml(readings_mj, calls, supported=True):
         nvmlDeviceGetTotalEnergyConsumption=total_energy)
 
 
-def test_nvml_window_is_difference_of_millijoule_reads_after_sync():
-    calls = []
-    nvml = fake_nvml([1_000_000, 1_000_000, 1_250_500, 1_900_000], calls)
-    meter = energy.EnergyMeter(None, index=3, nvml=nvml, sync=lambda: calls.append("sync"))
+class FakeClock:
+    """Stands in for the ``time`` module inside :mod:`phantom_plugin.energy`: its clocks move
+    only when the test says (no sleeping, no dependence on the machine's load)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def process_time(self) -> float:
+        return 0.0
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    c = FakeClock()
+    monkeypatch.setattr(energy, "time", c)
+    return c
+
+
+@pytest.mark.fast
+def test_nvml_window_is_difference_of_millijoule_reads():
+    nvml = fake_nvml([1_000_000, 1_000_000, 1_250_500], [])
+    meter = energy.EnergyMeter(None, index=3, nvml=nvml)
     assert meter.source == "nvml" and meter.reason is None
     meter.begin_window("a")
     m = meter.end_window("a")
     assert m.energy_j == pytest.approx(250.5)              # (1_250_500 - 1_000_000) mJ
     assert m.source == "nvml" and "GPU" in m.scope and m.reason is None
-    assert m.short_window                                  # far below NVML's ~100 ms update
-    assert calls[1:] == ["read", "sync", "read", "sync", "read"]   # sync before every window read
+
+
+@pytest.mark.fast
+def test_nvml_syncs_before_every_window_read():
+    calls = []
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 0, 5_000], calls), sync=lambda: calls.append("sync"))
+    meter.begin_window("a")
+    meter.end_window("a")
+    assert calls == ["init", "read", "sync", "read", "sync", "read"]      # the first read: the probe
+
+
+@pytest.mark.fast
+def test_nvml_reads_once_per_window_end():
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 0, 5_000, 5_000], []))   # probe, a, a, b
+    meter.begin_window("a")
+    meter.end_window("a")
     meter.begin_window("b")
-    time.sleep(energy.UPDATE_PERIOD_S["nvml"] + 0.02)
     with pytest.raises(StopIteration):
         meter.end_window("b")                              # fake counter exhausted: proves one read per end
 
 
-def test_nvml_long_window_not_flagged():
-    nvml = fake_nvml([0, 10_000, 30_000], [])
-    meter = energy.EnergyMeter(None, index=3, nvml=nvml)
+@pytest.mark.fast
+def test_nvml_window_shorter_than_the_update_period_is_flagged(clock):
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 10_000, 30_000], []))
     meter.begin_window("w")
-    time.sleep(energy.UPDATE_PERIOD_S["nvml"] + 0.02)
+    clock.now += energy.UPDATE_PERIOD_S["nvml"] / 2
     m = meter.end_window("w")
-    assert m.energy_j == pytest.approx(20.0) and not m.short_window and m.time_s > 0.1
+    assert m.time_s == pytest.approx(energy.UPDATE_PERIOD_S["nvml"] / 2) and m.short_window
 
 
+@pytest.mark.fast
+def test_nvml_window_longer_than_the_update_period_is_not_flagged(clock):
+    meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([0, 10_000, 30_000], []))
+    meter.begin_window("w")
+    clock.now += energy.UPDATE_PERIOD_S["nvml"] + 0.02
+    m = meter.end_window("w")
+    assert m.energy_j == pytest.approx(20.0)
+    assert m.time_s == pytest.approx(energy.UPDATE_PERIOD_S["nvml"] + 0.02) and not m.short_window
+
+
+@pytest.mark.fast
 def test_nvml_not_supported_gives_none_with_reason():
     meter = energy.EnergyMeter(None, index=3, nvml=fake_nvml([], [], supported=False), sources=("nvml",))
     meter.begin_window("w")
@@ -65,6 +109,7 @@ def test_nvml_not_supported_gives_none_with_reason():
     assert m.energy_j is None and m.source == "none" and "Not Supported" in m.reason
 
 
+@pytest.mark.fast
 def test_nvml_device_found_by_pci_bus_id_and_labelled_by_it():
     calls = []
     nvml = fake_nvml([0, 5_000, 9_000], calls)
@@ -78,6 +123,7 @@ def test_nvml_device_found_by_pci_bus_id_and_labelled_by_it():
     assert "PCI bus id" in m.scope
 
 
+@pytest.mark.fast
 def test_cuda_device_that_cannot_be_identified_is_not_read_by_index():
     """torch's cuda:1 is not NVML's GPU 1 under per-rank CUDA_VISIBLE_DEVICES: no guess."""
     if torch.cuda.is_available():
@@ -96,6 +142,7 @@ def _powercap(root, uj, max_uj=2 ** 32):
         (d / "max_energy_range_uj").write_text(f"{max_uj}\n")
 
 
+@pytest.mark.fast
 def test_rapl_reads_package_zones_and_handles_wraparound(tmp_path):
     _powercap(tmp_path, 5_000_000)
     meter = energy.EnergyMeter(torch.device("cpu"), rapl_root=str(tmp_path))
@@ -111,6 +158,7 @@ def test_rapl_reads_package_zones_and_handles_wraparound(tmp_path):
     assert meter.end_window("wrap").energy_j == pytest.approx(1.5)
 
 
+@pytest.mark.fast
 def test_unreadable_rapl_gives_none(tmp_path):
     _powercap(tmp_path, 1)
     os.chmod(tmp_path / "intel-rapl:0" / "energy_uj", 0)
@@ -125,6 +173,7 @@ def _one_window(meter):
     return meter.end_window("w")
 
 
+@pytest.mark.fast
 def test_none_path_without_counters(tmp_path):
     m = _one_window(energy.EnergyMeter(torch.device("cpu"), rapl_root=str(tmp_path / "absent")))
     assert m.energy_j is None and m.source == "none" and "rapl" in m.reason and m.per_device_j == {}
@@ -134,6 +183,7 @@ def test_none_path_without_counters(tmp_path):
         assert m.energy_j is None and m.reason
 
 
+@pytest.mark.fast
 def test_window_misuse_raises():
     meter = energy.EnergyMeter(torch.device("cpu"), sources=())
     with pytest.raises(ValueError):
@@ -143,6 +193,7 @@ def test_window_misuse_raises():
         meter.begin_window("x")
 
 
+@pytest.mark.fast
 def test_modeled_energy_is_flops_and_bytes_times_stated_constants():
     p = devices.DEVICES["h100-sxm"]
     assert p.pj_per_flop == pytest.approx(700 / 989.4)

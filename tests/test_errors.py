@@ -10,16 +10,38 @@ from dist_utils import run_ranks
 from phantom_plugin import PhantomFFN, PhantomLinear, comm
 
 
-@pytest.mark.parametrize("kwargs, needle", [
+_INVALID = [
     (dict(in_features=9, out_features=8, ghost_dim=1), "in_features=9 is not divisible"),
     (dict(in_features=8, out_features=9, ghost_dim=1), "out_features=9 is not divisible"),
     (dict(in_features=8, out_features=8, ghost_dim=0), "ghost_dim must be an integer >= 1"),
     (dict(in_features=8, out_features=8, ghost_dim=5), "ghost_dim=5 exceeds in_features/p = 8/2 = 4"),
-])
-def test_invalid_arguments_raise_on_every_rank(kwargs, needle):
-    results = run_ranks(_build, 2, kwargs, allow_failures=True, timeout=60)
-    for status, text in results:
-        assert status == "error" and "ValueError" in text and needle in text, text
+]
+
+
+def _build_each(rank, p):
+    """Every case of :data:`_INVALID` on this rank, one after another: what each raised."""
+    out = []
+    for kwargs, _ in _INVALID:
+        try:
+            _build(rank, p, dict(kwargs))
+            out.append("no error")
+        except Exception as e:      # reported to the test, which checks the type
+            out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def invalid_raised():
+    """``[rank][case]``: the error text of each :data:`_INVALID` case, all cases in one launch of 2 ranks."""
+    return run_ranks(_build_each, 2, timeout=60)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("case", range(len(_INVALID)), ids=[needle for _, needle in _INVALID])
+def test_invalid_arguments_raise_on_every_rank(invalid_raised, case):
+    needle = _INVALID[case][1]
+    for texts in invalid_raised:
+        assert texts[case].startswith("ValueError: ") and needle in texts[case], texts[case]
 
 
 def _build(rank, p, kwargs):
@@ -50,6 +72,7 @@ def test_one_rank_with_invalid_arguments_does_not_hang_the_others():
     assert "rank(s) [1] of the group rejected their arguments" in results[0][1]
 
 
+@pytest.mark.fast
 def test_group_without_initialized_torch_distributed():
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
@@ -61,6 +84,7 @@ def test_group_without_initialized_torch_distributed():
     torch.testing.assert_close(layer(x), x @ layer.local_weight.t() + layer.bias)
 
 
+@pytest.mark.fast
 def test_wrong_input_width_names_the_expected_shard():
     layer = PhantomLinear(8, 6, ghost_dim=2, seed=0)
     with pytest.raises(ValueError, match="expected in_features/p = 8/1 = 8"):

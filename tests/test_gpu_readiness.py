@@ -130,6 +130,7 @@ def test_meta_and_default_device_construction_materialise_deterministically():
 
 # --- collective device choice ---------------------------------------------------------------------
 
+@pytest.mark.fast
 def test_backend_strings_map_to_devices():
     parse = lambda s: dict(placement._parse_backends(s))  # noqa: E731
     assert parse("cpu:gloo,cuda:nccl") == {"cpu": "gloo", "cuda": "nccl"}
@@ -252,6 +253,7 @@ def test_gpu_smoke_script_passes_on_cpu(tmp_path):
                                   "gloo_ranks_on_device", "energy"}
 
 
+@pytest.mark.fast
 def test_gpu_extrapolation_states_the_link_and_overlaps_only_what_the_code_can():
     import argparse
     import os

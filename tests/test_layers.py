@@ -63,7 +63,7 @@ def _check_linear(rank, p):
             torch.testing.assert_close(xs.grad, dx_ref, rtol=0, atol=1e-10)
             for name, ref in grads_ref.items():
                 torch.testing.assert_close(getattr(layer, name).grad, ref, rtol=0, atol=1e-10,
-                                           msg=lambda m, at=f"{name} k={k} bias={bias}": f"{at}: {m}")
+                                           msg=lambda m, name=name, k=k, bias=bias: f"{name} k={k} bias={bias}: {m}")
             # to_dense is the exact dense equivalent
             w, b = layer.to_dense()
             full = x @ w.t() + (b if b is not None else 0)
@@ -72,7 +72,7 @@ def _check_linear(rank, p):
     return checked
 
 
-@pytest.mark.parametrize("p", [1, 2, 3, 4])
+@pytest.mark.parametrize("p", [1, pytest.param(2, marks=pytest.mark.fast), 3, 4])
 def test_linear_forward_and_every_gradient_match_dense_reference(p):
     assert run_ranks(_check_linear, p) == [_expected_cases(p)] * p
 
@@ -179,7 +179,7 @@ def _check_ffn(rank, p, width, depth, k, batch):
     return True
 
 
-@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("p", [pytest.param(2, marks=pytest.mark.fast), 4])
 def test_ffn_matches_dense_and_sends_exactly_the_cost_model(p):
     run_ranks(_check_ffn, p, 16, 3, 2, 5)
 

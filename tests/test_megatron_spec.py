@@ -20,6 +20,8 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from phantom_plugin.megatron import (NORM_KEY_MAP, PhantomMLP, get_gpt_layer_phantom_spec,  # noqa: E402
                                      with_phantom_mlp)
 
+pytestmark = pytest.mark.fast
+
 
 def _mlp_module(layer_spec):
     return layer_spec.submodules.mlp.module

@@ -78,12 +78,14 @@ def test_groups_kinds_multipliers_and_adam_step(p):
     assert run_ranks(_check_groups, p) == [True] * p
 
 
+@pytest.mark.fast
 def test_factor_multiplier_rule():
     assert factor_lr_mult(512, 512) == 0.5
     assert factor_lr_mult(32, 1024) == pytest.approx(1 / (1 + 1 / 32))
     assert factor_lr_mult(1, 10 ** 6) == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.fast
 def test_single_process_and_plain_models():
     ffn = PhantomFFN(8, 2, ghost_dim=1, seed=0)                      # p = 1: a dense model
     assert {g["kind"] for g in param_groups(ffn, 1e-3)} == {"local", "bias"}
@@ -92,6 +94,7 @@ def test_single_process_and_plain_models():
     assert [(g["kind"], len(g["params"]), g["weight_decay"]) for g in groups] == [("bias", 1, 0.0), ("other", 2, 0.01)]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("kwargs, match", [
     ({"lr": 0.0}, "lr must be > 0"),
     ({"lr": 1e-3, "weight_decay": -1.0}, "weight_decay must be >= 0"),

@@ -14,6 +14,7 @@ def _gemm_macs(terms):
     return sum(t.macs * c for t, c in terms.items() if isinstance(t, step_model.Gemm))
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("p,k,depth", [(1, 0, 3), (2, 4, 4), (4, 3, 3), (3, 5, 2)])
 def test_terms_cover_the_cost_model(p, k, depth):
     n, b = 24 * p, 5
@@ -35,6 +36,7 @@ def test_terms_cover_the_cost_model(p, k, depth):
         step_model.step_terms("dp", n, depth, p=p, batch=b)
 
 
+@pytest.mark.fast
 def test_predict_sums_terms_by_kind():
     terms = step_model.step_terms("phantom", 16, 2, p=2, batch=3, k=2)
     secs = {t: 1e-3 for t in terms}
@@ -91,6 +93,7 @@ def test_plan_json_without_calibration_and_table(capsys):
     assert "predicted step time (calibrated here)" in out and "step-like rounds" in out
 
 
+@pytest.mark.fast
 def test_edge_and_bias_add_terms():
     n, b, p = 48, 5, 3
     ph = step_model.step_terms("phantom", n, 3, p=p, batch=b, k=2)
@@ -106,6 +109,7 @@ def test_edge_and_bias_add_terms():
         assert gathered == depth % 2               # an odd last layer's output is gathered and concatenated
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("mode,p,k,depth", [("tp", 2, 0, 4), ("phantom", 2, 8, 4), ("phantom", 4, 3, 3),
                                              ("tp", 3, 0, 1)])
 def test_wait_terms(mode, p, k, depth):
@@ -141,6 +145,7 @@ def _noisy(alpha, beta, sizes, reps, rng, outliers=0.2):
     return out
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("alpha,beta", [(3e-4, 2e-9), (7e-4, 5e-10), (5e-5, 1e-8)])
 def test_fit_alpha_beta_recovers_known_parameters(alpha, beta):
     import random
@@ -152,6 +157,7 @@ def test_fit_alpha_beta_recovers_known_parameters(alpha, beta):
     assert step_model.fit_alpha_beta(exact) == pytest.approx((alpha, beta), rel=1e-9)
 
 
+@pytest.mark.fast
 def test_fit_alpha_beta_bounds_and_errors():
     flat = [(x, t) for x in (10, 100, 1000) for t in (1e-3, 1e-3, 5e-3)]    # no slope: alpha only
     assert step_model.fit_alpha_beta(flat) == pytest.approx((1e-3, 0.0))
@@ -165,6 +171,7 @@ def test_fit_alpha_beta_bounds_and_errors():
     assert fit.seconds(1000) == pytest.approx(1e-4 + 1e-6) and fit.bandwidth_bytes_per_s == pytest.approx(1e9)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("largest,p", [(262144, 2), (8, 2), (3 * 1000, 3), (4, 4)])
 def test_ladder(largest, p):
     sizes = step_model.ladder(largest, p)
@@ -225,30 +232,51 @@ def test_wait_time_on_gloo_ranks():
         assert all(sign * w > 0 for w in out[0]), out[0]
 
 
+FN_S = 2.0 ** -10           # what one timed call takes on the fake clock below (exact in binary)
+
+
 def _after_rank(rank, world_size):
-    import time
+    import types
     import torch
     import torch.distributed as dist
-    from phantom_plugin.bench.calibrate import _after_time
-    calls = []
+    from phantom_plugin.bench import calibrate
+    calls, now = [], [0.0]
+
+    def perf_counter():                # a fake clock: it moves only in before() and fn(); reads are logged
+        calls.append("clock")
+        return now[0]
+    calibrate.time = types.SimpleNamespace(perf_counter=perf_counter)
 
     def before():                      # slow, and different on each rank: not in the time
         calls.append("before")
-        time.sleep(0.05 * (rank + 1))
+        now[0] += rank + 1.0
 
     def fn():
         calls.append("fn")
-    secs = _after_time(fn, before, torch.device("cpu"), dist.group.WORLD, 3)
+        now[0] += FN_S
+    secs = calibrate._after_time(fn, before, torch.device("cpu"), dist.group.WORLD, 3)
     return secs, calls
 
 
-def test_after_time_leaves_out_what_runs_before():
-    """The optimizer is timed one call at a time right after the step's GEMM chain: the chain
-    (here a 50-100 ms sleep) runs before every timed call, on every rank, and is not counted."""
+@pytest.fixture(scope="module")
+def after_time_ranks():
+    """``(seconds, call log)`` of each of 2 ranks timing ``fn`` after ``before`` (:func:`_after_rank`)."""
     from dist_utils import run_ranks
-    for secs, calls in run_ranks(_after_rank, 2):
-        assert calls == ["fn"] + ["before", "fn"] * 3
-        assert 0 <= secs < 0.01
+    return run_ranks(_after_rank, 2)
+
+
+def test_after_time_reads_the_clock_only_around_the_timed_call(after_time_ranks):
+    """The optimizer is timed one call at a time right after the step's GEMM chain: the chain
+    (here ``before``) runs before every timed call, on every rank, outside the clock reads."""
+    for _, calls in after_time_ranks:
+        assert calls == ["fn"] + ["before", "clock", "fn", "clock"] * 3
+
+
+def test_after_time_is_the_timed_call_alone(after_time_ranks):
+    """The seconds returned are one call of ``fn`` (the fake clock's ``FN_S``), none of the
+    1-2 s that ``before`` takes on each rank."""
+    for secs, _ in after_time_ranks:
+        assert secs == FN_S
 
 
 def _affinity_rank(rank, world_size):
@@ -274,6 +302,7 @@ def test_run_ranks_bind_cores():
         plan.main(["--width", "64", "--depth", "2", "--ranks", "2", "--ghosts", "4", "--bind-cores"])
 
 
+@pytest.mark.fast
 def test_bench_bind_cores_checked_before_running(capsys):
     """phantom-bench --bind-cores refuses rank counts that do not fit the usable cores at parse time."""
     import os

@@ -1,4 +1,5 @@
 """Region ops at the edges of a phantom block, against single-process references (gloo ranks)."""
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -46,6 +47,7 @@ def _check_regions(rank, p):
     return True
 
 
+@pytest.mark.fast
 def test_region_ops_p2():
     run_ranks(_check_regions, 2)
 

@@ -111,7 +111,7 @@ def test_warm_start_matches_param_study():
             for l in range(DEPTH):
                 for kind, a, b in zip("LCDb", got[l], want[l][rank]):
                     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), b.detach(), rtol=0, atol=1e-9,
-                                               msg=lambda m: f"rank {rank} layer {l} {kind} ({name}): {m}")
+                                               msg=lambda m, where=f"rank {rank} layer {l} {kind} ({name})": f"{where}: {m}")
     # not vacuous: k = 2 of n/p = 8 drops a real part of the dense weights, and the phantom
     # steps move the blocks away from the conversion
     assert results[0]["error"] > 0.05
