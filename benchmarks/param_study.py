@@ -1,4 +1,4 @@
-"""Single-process study of phantom parametrisations on the teacher FFN task (issue 12).
+"""Single-process study of phantom parametrisations on the teacher FFN task.
 
 Simulates a ``PhantomFFN`` of ``p`` ranks in one process by assembling each layer's exact dense
 equivalent ``W = [L_i on the diagonal, D_ij C_j off it]`` from trainable blocks (the same function

@@ -8,7 +8,7 @@ parameter: embeddings, attention, dense layers). The group of kind ``t`` has
 ``lr = lr * multipliers[t]`` and ``weight_decay`` (0 for ``"bias"``, the usual convention), and
 carries ``"kind"`` and ``"lr_mult"`` so a scheduler can rescale it.
 
-Default multipliers (issue-12 study, README "Phantom parametrisation and time to loss"): 1.0
+Default multipliers (the parametrisation study in ``docs/choosing-k.md``): 1.0
 for every kind, except that a layer's compressor and decompressor get
 ``factor_lr_mult(k, n_in/p) = 1 / (1 + k / (n_in/p))``. Under Adam every entry moves by about
 ``lr`` whatever its scale, so the dense-equivalent update of ``D_ij C_j`` grows with the share

@@ -288,9 +288,6 @@ def _private_uses() -> list[str]:
     return bad
 
 
-@pytest.mark.xfail(strict=True, reason="benchmarks/step_breakdown.py imports phantom_plugin.bench.probe._ghost_exchange "
-                   "and examples/megatron_gpt_phantom.py phantom_plugin.megatron.mlp._layer_seeds; those names are "
-                   "being made public on another branch: remove this mark then")
 def test_scripts_import_only_public_names():
     """benchmarks/ and examples/ use the package as a user would: no ``_name``, no ``_module``."""
     bad = _private_uses()

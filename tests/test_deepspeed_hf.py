@@ -129,8 +129,11 @@ def _main() -> None:
     ap.add_argument("--optimizer_section", action="store_true")
     ap.add_argument("--zero3", action="store_true")
     cli = ap.parse_args()
-    out: dict = {"plugin_imported_by_script": any(m == "phantom_plugin" or m.startswith("phantom_plugin.")
-                                                  for m in sys.modules)}
+    # the site hook itself loads these at start (phantom_plugin's own import is lazy): anything more
+    # would mean the script imported the plugin
+    hook = {"phantom_plugin", "phantom_plugin.integrations", "phantom_plugin.integrations.deepspeed_autoload"}
+    out: dict = {"plugin_imported_by_script": any((m == "phantom_plugin" or m.startswith("phantom_plugin."))
+                                                  and m not in hook for m in sys.modules)}
     sys.path.insert(0, str(ROOT / "examples"))
     import torch
     import torch.distributed as dist

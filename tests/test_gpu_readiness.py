@@ -1,4 +1,4 @@
-"""What a GPU user hits first, exercised on CPU wherever the mechanism exists here (issue 13).
+"""What a GPU user hits first, exercised on CPU wherever the mechanism exists here.
 
 * autocast: the phantom op under ``torch.autocast("cpu", dtype=torch.bfloat16)`` behaves as
   ``nn.Linear`` does (bf16 output, parameter grads in the parameters' fp32), and equals, bit for

@@ -63,7 +63,7 @@ def plan_table(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtyp
 
 
 def k_time_to_loss_hint(width: int, ranks: int, ghosts: Optional[int] = None) -> dict:
-    """Rule of thumb for the ``k`` at which phantom reaches a loss soonest (README, "Choosing `k`").
+    """Rule of thumb for the ``k`` at which phantom reaches a loss soonest (``docs/choosing-k.md``).
 
     From one task only (the teacher FFN, width 1024, ``p = 2``, Adam, ``param_study.py``): a loss
     a dense model reaches early (~50 steps) needed ``k ~ (n/p)/8``, one it reaches later (100-200
@@ -89,7 +89,7 @@ def _hint_note(hint: dict, ghosts: int) -> str:
     return (f"Time to a loss (a rule of thumb from one task, not a guarantee): k ~ (n/p)/8 = "
             f"{hint['early_loss']} for a loss a dense model reaches early, (n/p)/4 = {hint['later_loss']} "
             f"for later ones;\nk={ghosts} is {where}. Check with a short sweep on your task "
-            "(README, 'Choosing `k`').")
+            "(docs/choosing-k.md).")
 
 
 def plan_dict(width: int, depth: int, ranks: int, ghosts: int, batch: int, dtype: str,

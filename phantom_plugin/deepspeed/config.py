@@ -47,7 +47,7 @@ class PhantomConfigError(ValueError):
 
 
 class PhantomParallelConfig(DeepSpeedConfigModel):
-    """``"phantom_parallel": {...}``; each field is described in the DeepSpeed section of ``README.md``."""
+    """``"phantom_parallel": {...}``; each field is described in ``docs/deepspeed.md``."""
 
     enabled: StrictBool = False
     size: StrictInt = Field(2, ge=1)

@@ -18,7 +18,7 @@ The group is ``tp_group``, else ``pg_collection.tp``, else megatron's parallel s
 megatron-core 0.18+'s ``TransformerLayer`` passes ``pg_collection`` (with ``name`` and
 ``is_mtp_layer``) to every MLP builder. 0.16/0.17's pass ``tp_group`` only to their own ``MLP``
 class (an identity check) and log "Unknown MLP type ... Using default kwargs" once per layer for
-this one; the fallback to ``parallel_state`` covers that case (README, "Megatron-core releases").
+this one; the fallback to ``parallel_state`` covers that case (``docs/megatron.md``).
 """
 from __future__ import annotations
 
