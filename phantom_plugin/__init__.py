@@ -16,13 +16,13 @@ _PUBLIC = {
     "PhantomLinear": "layers", "PhantomFFN": "layers", "mark_tensor_parallel": "layers",
     "phantom_linear": "ops", "scatter_to_group": "ops", "gather_from_group": "ops",
     "sequence_to_hidden": "ops", "hidden_to_sequence": "ops",
-    "param_groups": "optim", "CommCounter": "comm",
+    "param_groups": "optim", "CommCounter": "counter",
 }
 __all__ = ["CommCounter", "PhantomFFN", "PhantomLinear", "gather_from_group", "hidden_to_sequence",
            "mark_tensor_parallel", "param_groups", "phantom_linear", "scatter_to_group", "sequence_to_hidden"]
 
 if TYPE_CHECKING:   # for type checkers and IDEs; at run time the names load lazily
-    from .comm import CommCounter
+    from .counter import CommCounter
     from .layers import PhantomFFN, PhantomLinear, mark_tensor_parallel
     from .ops import (gather_from_group, hidden_to_sequence, phantom_linear, scatter_to_group,
                       sequence_to_hidden)
