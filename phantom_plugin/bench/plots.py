@@ -10,13 +10,17 @@ Forward-only records (``phantom-bench --inference``) get their own two plots ins
 
 * ``inference_time.png``: median and 99th-percentile forward time per phase, one bar per run;
 * ``inference_latency_cdf.png``: the distribution of forward times, one line per run, per phase.
+
+Language-model records (``phantom-bench --task lm``) get ``lm_heldout_loss.png``: held-out loss
+against step, against CPU-seconds (all ranks, training steps only) and against modeled GPU energy,
+with TP's final held-out loss (the target) as a dotted line.
 """
 from __future__ import annotations
 
 import itertools
 import os
 
-__all__ = ["write_plots", "write_inference_plots"]
+__all__ = ["write_plots", "write_inference_plots", "write_lm_plots"]
 
 
 def _label(r: dict) -> str:
@@ -117,6 +121,32 @@ def write_inference_plots(runs: list[dict], out_dir: str, title: str = "") -> li
         ax.legend(fontsize=7)
     paths.append(_save(fig, out_dir, "inference_latency_cdf.png"))
     return paths
+
+
+def write_lm_plots(runs: list[dict], out_dir: str, title: str = "") -> list[str]:
+    """Write ``lm_heldout_loss.png`` (three panels) into ``out_dir``; returns its path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    style = {"tp": "-o", "phantom": "--s"}
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    target = next(r for r in runs if r["mode"] == "tp")["evals"][-1]["loss"]
+    for r in runs:
+        steps = [e["step"] for e in r["evals"]]
+        loss = [e["loss"] for e in r["evals"]]
+        cpu = [0.0, *itertools.accumulate(r["step_cpu_s"])]
+        joules = [0.0, *itertools.accumulate(r["step_energy_j_modeled"])]
+        label = f"{r['mode']} ffn={r['ffn_hidden']}" + (f" k={r['ghost_dim']}" if r["mode"] == "phantom" else "")
+        for ax, xs in zip(axes, (steps, [cpu[s] for s in steps], [joules[s] for s in steps])):
+            ax.plot(xs, loss, style[r["mode"]], markersize=3, label=label)
+    for ax, xl in zip(axes, ("step", "CPU-seconds, all ranks (training steps only, measured)",
+                             "GPU energy, J (MODELED from FLOPs and bytes)")):
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel=xl, ylabel="held-out loss (nats/byte)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title or "held-out loss")
+    return [_save(fig, out_dir, "lm_heldout_loss.png")]
 
 
 def _save(fig, out_dir: str, name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import statistics
 from typing import Optional
 
-__all__ = ["demo_table", "runs_table", "inference_table", "inference_pair_table", "pairs", "pair_table", "to_target", "fmt_bytes", "fmt_count"]
+__all__ = ["demo_table", "lm_table", "runs_table", "inference_table", "inference_pair_table", "pairs", "pair_table", "to_target", "fmt_bytes", "fmt_count"]
 
 
 def fmt_count(n: float) -> str:
@@ -157,3 +157,50 @@ def inference_pair_table(runs: list[dict]) -> str:
             f"{ph['comm_bytes_per_step'] / max(1, tp['comm_bytes_per_step']):.3f} | "
             f"{ph['energy_j_modeled_per_step'] / tp['energy_j_modeled_per_step']:.3f} | {e} |")
     return "\n".join(lines)
+
+
+def _opt(x: Optional[float], fmt: str) -> str:
+    return "never" if x is None else format(x, fmt)
+
+
+def lm_table(tp: dict, ph: dict, summary: dict) -> str:
+    """Markdown of ``phantom-bench --task lm``: per step and to TP's final held-out loss."""
+    ttl, match = summary["time_to_loss"], summary["match"]
+    med = statistics.median
+
+    def row(name, f, fmt):
+        a, b = f(tp), f(ph)
+        return f"| {name} | {format(a, fmt)} | {format(b, fmt)} | {b / a if a else float('nan'):.3f} |"
+    rows = [
+        row("parameters (whole group)", lambda r: r["params"], ","),
+        row("MLP parameters (whole group)", lambda r: r["mlp_params"], ","),
+        row("MLP inner width (ffn_hidden_size)", lambda r: r["ffn_hidden"], "d"),
+        row("MACs/step/rank (model: MLPs, attention, output)", lambda r: r["macs_per_step"], ".4g"),
+        row("bytes sent/step/rank (measured, median)", lambda r: med(r["step_bytes_sent"]), ",.0f"),
+        row("wall s/step (median)", lambda r: med(r["step_times_s"]), ".4f"),
+        row("CPU-s/step, all ranks (median)", lambda r: med(r["step_cpu_s"]), ".4f"),
+        row("energy/step, J (modeled, all ranks)", lambda r: med(r["step_energy_j_modeled"]), ".4g"),
+        row("train loss (mean of last 10 steps)", lambda r: statistics.fmean(r["losses"][-10:]), ".4f"),
+        row("held-out loss (last evaluation)", lambda r: r["evals"][-1]["loss"], ".4f"),
+    ]
+    a, b = ttl["tp"], ttl["phantom"]
+    to = [f"| steps | {a['step']} | {_opt(b['step'], 'd')} | {_opt(None if b['step'] is None else b['step'] / a['step'], '.3f')} |",
+          f"| CPU-s, all ranks | {a['cpu_s']:.2f} | {_opt(b['cpu_s'], '.2f')} | {_opt(ttl['cpu_s_ratio'], '.3f')} |",
+          f"| wall s (training steps) | {a['wall_s']:.2f} | {_opt(b['wall_s'], '.2f')} | "
+          f"{_opt(None if b['wall_s'] is None else b['wall_s'] / a['wall_s'], '.3f')} |",
+          f"| energy, J (modeled) | {a['energy_j']:.4g} | {_opt(b['energy_j'], '.4g')} | {_opt(ttl['energy_ratio'], '.3f')} |"]
+    k = ph["ghost_dim"]
+    head = (f"### phantom-bench --task lm: byte-level GPT (megatron-core GPTModel, TP attention), TP MLPs vs "
+            f"phantom MLPs\n\nCorpus: {tp['corpus']}; last {tp['heldout']:.0%} held out "
+            f"({tp['eval_batches']} x {tp['batch']} windows of {tp['seq']} bytes, the same for both). "
+            f"width {tp['width']}, depth {tp['depth']}, heads {tp['heads']}, ranks {tp['world_size']}, k={k}, "
+            f"batch {tp['batch']} x seq {tp['seq']}, {tp['steps']} steps, lr {tp['lr']}, seed {tp['seed']}. "
+            f"Match: {match['kind']} (MLP MACs/rank phantom/TP = {match['mlp_macs_ratio']:.4f}). "
+            f"Machine: {tp['machine']}; backend {tp['backend']}, {tp['threads_per_rank']} intra-op thread(s) per "
+            f"rank{' (oversubscribed)' if tp['oversubscribed'] else ''}. CPU-seconds: process CPU time (user+sys, "
+            f"all threads) of the training steps, summed over ranks; evaluation excluded. "
+            f"Energy: {tp['energy_model']}.\n")
+    return "\n".join([head, "Per step:", "", "| | TP | phantom | phantom/TP |", "|---|---:|---:|---:|", *rows, "",
+                      f"To TP's final held-out loss {ttl['target_loss']:.4f} (first evaluation at or below it; "
+                      f"evaluated every {tp['eval_every']} steps):", "",
+                      "| | TP | phantom | phantom/TP |", "|---|---:|---:|---:|", *to])

@@ -20,7 +20,7 @@ from typing import Optional
 from ..shapes import divisibility_error
 
 __all__ = ["Message", "Cost", "phantom_linear_cost", "phantom_ffn_cost", "tp_ffn_cost",
-           "phantom_mlp_cost", "tp_mlp_cost", "suggest_ghost_dim"]
+           "phantom_mlp_cost", "tp_mlp_cost", "suggest_ghost_dim", "equal_compute_ffn_hidden"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,3 +202,48 @@ def suggest_ghost_dim(width: int, depth: int, *, p: int, batch: int = 1,
             f"suggest_ghost_dim: even ghost_dim=1 needs {ph.params / tp.params:.3f} of TP's parameters "
             f"and {ph.bytes_sent / tp.bytes_sent:.3f} of its traffic; raise the budget or use more ranks")
     return best - best % multiple_of if best >= multiple_of else best
+
+
+def equal_compute_ffn_hidden(hidden: int, ffn_hidden: int, *, p: int, k: int, gated: bool = False,
+                             multiple_of: Optional[int] = None) -> int:
+    """The widest phantom MLP whose per-rank MACs do not exceed a TP MLP's (``--match compute``).
+
+    Per token and rank, forward (backward is twice that for both, so the ratio is the same):
+
+    * TP (:func:`tp_mlp_cost`): ``h*f/p`` (fc1) + ``f*h/p`` (fc2) = ``2hf/p``;
+    * phantom (:func:`phantom_mlp_cost`) with ``f'`` inner neurons: fc1 ``h -> f'`` has the local
+      block ``(f'/p)(h/p)``, the compressor ``k (h/p)`` and ``p-1`` decompressors ``(f'/p) k``; fc2
+      ``f' -> h`` has ``(h/p)(f'/p)``, ``k (f'/p)`` and ``(p-1)(h/p) k``: together
+      ``2hf'/p^2 + k(h + f')`` (``2f'`` fc1 outputs when ``gated``).
+
+    Returns the largest ``f'`` that is a multiple of ``multiple_of`` (default ``p``: each rank holds
+    ``f'/p`` neurons) with phantom MACs ``<=`` TP's at ``ffn_hidden``, found by bisection on
+    :func:`phantom_mlp_cost` (its MACs grow with ``f'``). Raises ``ValueError`` when no such
+    ``f'`` exists, or when it leaves ``k > min(h, f')/p`` (the ghost rule).
+    """
+    step = p if multiple_of is None else multiple_of
+    if step < 1 or step % p:
+        raise ValueError(f"equal_compute_ffn_hidden: multiple_of must be a positive multiple of p={p}, got {step}")
+    _check(hidden, p, "hidden"), _check(ffn_hidden, p, "ffn_hidden")
+    budget = tp_mlp_cost(hidden, ffn_hidden, p=p, tokens=1, gated=gated).macs
+
+    def macs(f: int) -> int:
+        return phantom_mlp_cost(hidden, f, p=p, k=k, tokens=1, gated=gated).macs
+
+    lo, hi = 0, 1                                     # in units of step: macs(lo*step) <= budget < macs(hi*step)
+    while macs(hi * step) <= budget:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if macs(mid * step) <= budget else (lo, mid)
+    if lo == 0:
+        raise ValueError(
+            f"equal compute cannot be met: a phantom MLP with k={k} on p={p} ranks needs more MACs than "
+            f"TP's (h={hidden}, ffn={ffn_hidden}) even at the narrowest ffn_hidden_size {step}; lower k, "
+            "widen the TP MLP, or compare at equal width")
+    f = lo * step
+    if p > 1 and k > min(hidden, f) // p:
+        raise ValueError(
+            f"equal compute gives ffn_hidden_size={f}, too narrow for k={k} ghosts on p={p} ranks "
+            f"(k <= min(h, ffn)/p = {min(hidden, f) // p}); lower k or compare at equal width")
+    return f
