@@ -90,12 +90,12 @@ def _evaluate(model, batches, pos, device) -> float:
 
 def lm_rank(rank: int, world_size: int, spec: LMSpec, corpus: bytes, progress: bool = True) -> Optional[dict]:
     """Train ``spec`` on the default group (initialized by the launcher); rank 0 returns the record."""
-    from megatron.core import parallel_state
-
-    from .lm_model import build_gpt, gpt_step_macs, unique_params
     quiet_third_party()
     for text in _NOISE:
         warnings.filterwarnings("ignore", message=f".*{text}")
+    from megatron.core import parallel_state
+
+    from .lm_model import build_gpt, gpt_step_macs, unique_params
     group = dist.group.WORLD
     device = comm.collective_device(group)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
