@@ -18,7 +18,9 @@ to dense TP MLPs (``phantom_plugin.megatron.to_dense``, exact) and checks that t
 picks the same tokens on every rank.
 
 On GPUs (NCCL, one per rank) it uses the stock spec (Transformer Engine when installed) and RoPE;
-on CPU a CPU-friendly ``core_attention`` (SDPA) and learned absolute positions.
+on CPU a CPU-friendly ``core_attention`` (SDPA) and learned absolute positions. The model is
+``phantom-bench --task lm``'s (``phantom_plugin.bench.lm_model``), which runs the same comparison
+on any text and reports the CPU time and modeled energy to a held-out loss.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from phantom_plugin.bench.lm_model import build_gpt, unique_params
 from phantom_plugin.megatron.data import stdlib_bytes
 
 
@@ -43,64 +46,10 @@ def make_batches(data: torch.Tensor, steps: int, batch: int, seq: int, seed: int
 
 
 def build(args, phantom: bool, device):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.transformer_config import TransformerConfig
-    from phantom_plugin.megatron import with_phantom_mlp
-    from phantom_plugin.megatron.cpu import cpu_attention_spec
-    gpu = device.type == "cuda"
-    torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed, inference_rng_tracker=not gpu, force_reset_rng=True)
-    config = TransformerConfig(
-        num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=args.ffn,
-        num_attention_heads=args.heads, tensor_model_parallel_size=args.tp,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=not gpu,
-        bias_dropout_fusion=gpu, bias_activation_fusion=False, masked_softmax_fusion=gpu,
-        gradient_accumulation_fusion=False)
-    if gpu:
-        spec = specs.get_gpt_layer_with_transformer_engine_spec() if specs.HAVE_TE else specs.get_gpt_layer_local_spec()
-        positions = "rope"
-    else:
-        spec, positions = cpu_attention_spec(specs.get_gpt_layer_local_spec()), "learned_absolute"
-    if phantom:
-        spec = with_phantom_mlp(spec, ghost_dim=args.ghost_dim, seed=args.seed)
-    model = GPTModel(config, transformer_layer_spec=spec, vocab_size=256, max_sequence_length=args.seq,
-                     position_embedding_type=positions, share_embeddings_and_output_weights=False)
-    if not phantom:
-        same_mlp_init(model, args.seed)
-    return model.to(device)
-
-
-@torch.no_grad()
-def same_mlp_init(model, seed: int) -> None:
-    """Give TP's MLPs the phantom MLPs' initialisation convention (fan-in uniform masters of
-    :mod:`phantom_plugin.init`, seeded per layer as ``PhantomMLP``), so the comparison differs only
-    in the off-diagonal blocks: TP's diagonal blocks then equal phantom's ``L_i``."""
-    from megatron.core import parallel_state
-    from phantom_plugin import init
-    p = parallel_state.get_tensor_model_parallel_world_size()
-    r = parallel_state.get_tensor_model_parallel_rank()
-    for layer in model.decoder.layers:
-        fc1, fc2 = layer.mlp.linear_fc1, layer.mlp.linear_fc2
-        s1 = init.derive_seed(seed, layer.layer_number, "linear_fc1")               # as PhantomMLP's
-        s2 = init.derive_seed(seed, layer.layer_number, "linear_fc2")
-        hidden, ffn = fc1.weight.shape[1], fc1.weight.shape[0] * p
-        w1, w2 = init.dense_master(s1, hidden, ffn), init.dense_master(s2, ffn, hidden)  # [ffn, h], [h, ffn]
-        fc1.weight.copy_(w1[r * ffn // p:(r + 1) * ffn // p])                     # column parallel: rows
-        fc2.weight.copy_(w2[:, r * ffn // p:(r + 1) * ffn // p])                  # row parallel: columns
-        if fc1.bias is not None:
-            fc1.bias.copy_(init.dense_bias(s1, hidden, ffn)[r * ffn // p:(r + 1) * ffn // p])
-        if fc2.bias is not None:
-            fc2.bias.copy_(init.dense_bias(s2, ffn, hidden))
-
-
-def unique_params(model, only: str = "") -> int:
-    """Parameters of the whole TP group: sharded ones times the TP size, replicated ones once."""
-    from megatron.core import parallel_state
-    p = parallel_state.get_tensor_model_parallel_world_size()
-    return sum(t.numel() * (p if getattr(t, "tensor_model_parallel", False) else 1)
-               for n, t in model.named_parameters() if only in n)
+    """The GPT of ``phantom-bench --task lm`` (``phantom_plugin.bench.lm_model.build_gpt``): TP MLPs
+    with the phantom MLPs' initialisation convention, or phantom MLPs by the spec swap."""
+    return build_gpt(hidden=args.hidden, ffn_hidden=args.ffn, layers=args.layers, heads=args.heads, seq=args.seq,
+                     tp=args.tp, seed=args.seed, device=device, ghost_dim=args.ghost_dim if phantom else None)
 
 
 def run(args, phantom: bool, train, evals, device) -> dict:

@@ -48,7 +48,9 @@ _NOISE = ("Apex is not installed", "full scope is deprecated")
 class LMSpec:
     """One model's run. ``mode``: ``"tp"`` or ``"phantom"``; ``ffn_hidden``: this model's MLP inner
     width; ``ghost_dim``: phantom's ``k``; ``multipliers``/``parametrization``: forwarded to
-    :func:`phantom_plugin.param_groups` (``parametrization`` only when not ``None``)."""
+    :func:`phantom_plugin.param_groups` (``parametrization`` only when not ``None``);
+    ``target_loss``: stop after the first evaluation whose held-out loss is at or below it
+    (``steps`` is then the limit)."""
     mode: str
     width: int
     ffn_hidden: int
@@ -66,6 +68,7 @@ class LMSpec:
     energy_preset: str
     multipliers: Optional[tuple] = None        # ((kind, value), ...)
     parametrization: Optional[str] = None
+    target_loss: Optional[float] = None        # stop after the first evaluation at or below it
 
 
 def _optimizer(model, spec: LMSpec) -> torch.optim.Optimizer:
@@ -129,11 +132,16 @@ def lm_rank(rank: int, world_size: int, spec: LMSpec, corpus: bytes, progress: b
                 cpu.append(time.process_time() - c0)
                 sent.append(counter.sent_bytes)
                 losses.append(loss.item())
+                done = False
                 if (step + 1) % spec.eval_every == 0 or step + 1 == spec.steps:
                     evals.append({"step": step + 1, "loss": _evaluate(model, evals_data, pos, device)})
+                    done = spec.target_loss is not None and _all_agree(evals[-1]["loss"] <= spec.target_loss,
+                                                                       group, device)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix_str(f"loss {losses[-1]:.3f} held-out {evals[-1]['loss']:.3f}")
+                if done:
+                    break
         if bar is not None:
             bar.close()
         cpu_sum = torch.tensor(cpu, dtype=torch.float64, device=device)
@@ -144,7 +152,8 @@ def lm_rank(rank: int, world_size: int, spec: LMSpec, corpus: bytes, progress: b
                              batch=spec.batch, tp=world_size,
                              ghost_dim=spec.ghost_dim if spec.mode == "phantom" else None)
         energy = [energy_model.modeled_energy_j(2 * macs["total"], b, spec.energy_preset) * world_size for b in sent]
-        return {**dataclasses.asdict(spec), "task": "lm", "world_size": world_size, "losses": losses,
+        return {**dataclasses.asdict(spec), "task": "lm", "world_size": world_size, "steps_run": len(losses),
+                "losses": losses,
                 "evals": evals, "step_times_s": times, "step_cpu_s": cpu_sum.tolist(), "step_bytes_sent": sent,
                 "step_energy_j_modeled": energy, "macs_per_step": macs["total"], "macs_by_part": macs,
                 "params": unique_params(model), "mlp_params": unique_params(model, ".mlp."),
@@ -153,6 +162,13 @@ def lm_rank(rank: int, world_size: int, spec: LMSpec, corpus: bytes, progress: b
                 "machine": machine_description(device)}
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def _all_agree(flag: bool, group, device) -> bool:
+    """True when ``flag`` is on every rank (after an evaluation; not counted as model traffic)."""
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(t, group=group)
+    return int(t.item()) == 0
 
 
 def reached(record: dict, target: float) -> dict:

@@ -2,6 +2,9 @@
 builds both models' :class:`~.lm.LMSpec` before any rank starts; :func:`run_lm` trains both and
 returns ``(runs, markdown, summary, title)`` as the other recipes (:mod:`.experiments`) do.
 
+``--max-factor F`` (default 1: both train ``--steps``): phantom may train up to ``F`` times
+``--steps`` and stops after the first evaluation at or below TP's final held-out loss.
+
 ``--match width``: both MLPs have ``ffn_hidden = 4 * width``. ``--match compute``: TP keeps
 ``4 * width`` and phantom gets the widest ``ffn_hidden`` whose per-rank MLP MACs do not exceed
 TP's (:func:`phantom_plugin.modeling.counts.equal_compute_ffn_hidden`; ``k`` is kept).
@@ -144,6 +147,9 @@ def run_lm(args, plan: LMPlan):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     runs = []
     for spec in (plan.tp, plan.phantom):
+        if spec.mode == "phantom" and args.max_factor > 1:   # phantom may train longer, to TP's final loss
+            spec = dataclasses.replace(spec, steps=int(args.max_factor * spec.steps),
+                                       target_loss=runs[0]["evals"][-1]["loss"])
         t0 = time.perf_counter()
         rec = run_ranks(lm_rank, p, spec, plan.corpus, not args.no_progress, timeout=args.timeout,
                         backend=backend, threads=threads, bind_cores=args.bind_cores)[0]

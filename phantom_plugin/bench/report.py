@@ -29,7 +29,8 @@ def _energy(r: dict) -> str:
 
 
 def demo_table(tp: dict, ph: dict) -> str:
-    """Markdown table: TP vs phantom for one width/depth/ranks/k, with phantom/TP ratios."""
+    """Markdown table: TP vs phantom for one width/depth/ranks/k, with phantom/TP ratios, per step and
+    to a common loss (the higher of the two final losses, so both reach it: :func:`to_target`)."""
     rows = [
         ("parameters (whole group)", fmt_count(tp["params"]), fmt_count(ph["params"]), ph["params"] / tp["params"]),
         ("MACs/step (per rank, model)", fmt_count(tp["macs_per_step"]), fmt_count(ph["macs_per_step"]),
@@ -52,11 +53,21 @@ def demo_table(tp: dict, ph: dict) -> str:
     lines.append(f"| energy, measured | {_energy(tp)} | {_energy(ph)} | |")
     lines.append(f"| bytes sent/step (cost model) | {fmt_bytes(tp['comm_bytes_per_step_model'])} | "
                  f"{fmt_bytes(ph['comm_bytes_per_step_model'])} | |")
+    target = max(tp["final_loss"], ph["final_loss"])
+    a, b = to_target(tp, target), to_target(ph, target)
+    lines += ["", f"To a common loss {target:.4f} (the higher final loss, so both reach it; running mean of 10 steps):",
+              "", "| | TP (megatron-core) | phantom | phantom/TP |", "|---|---:|---:|---:|"]
+    for name, key, fmt in (("steps", "steps", "d"), ("wall seconds (sum of step times)", "seconds", ".2f"),
+                           ("CPU-seconds (all ranks)", "cpu_seconds", ".2f"),
+                           ("energy, modeled (J, all ranks)", "energy_j_modeled", ".4f")):
+        x, y = (None if r is None else r[key] for r in (a, b))
+        ratio = None if x is None or y is None or not x else y / x
+        lines.append(f"| {name} | {_opt(x, fmt)} | {_opt(y, fmt)} | {_opt(ratio, '.3f')} |")
     lines.append(f"\nMeasured energy: {ph['energy_reason'] or ph['energy_scope']}.\nModeled energy: {ph['energy_model']}.")
     lines.append(f"\nThe losses differ at equal steps because the two are different models: phantom's off-diagonal "
                  f"blocks have rank k={ph['ghost_dim']}, so it holds {ph['params'] / tp['params']:.2f}x TP's "
-                 "parameters and fits this task's dense teacher less closely per step. What counts is the time and "
-                 "energy to reach a target loss, and a larger k narrows the gap: see docs/choosing-k.md.")
+                 "parameters. What users pay for is the time and energy to a loss (the second table); a larger k "
+                 "narrows the gap in loss per step: see docs/choosing-k.md.")
     return "\n".join(lines)
 
 
@@ -172,6 +183,7 @@ def lm_table(tp: dict, ph: dict, summary: dict) -> str:
         a, b = f(tp), f(ph)
         return f"| {name} | {format(a, fmt)} | {format(b, fmt)} | {b / a if a else float('nan'):.3f} |"
     rows = [
+        row("steps trained", lambda r: r["steps_run"], "d"),
         row("parameters (whole group)", lambda r: r["params"], ","),
         row("MLP parameters (whole group)", lambda r: r["mlp_params"], ","),
         row("MLP inner width (ffn_hidden_size)", lambda r: r["ffn_hidden"], "d"),
@@ -194,7 +206,9 @@ def lm_table(tp: dict, ph: dict, summary: dict) -> str:
             f"phantom MLPs\n\nCorpus: {tp['corpus']}; last {tp['heldout']:.0%} held out "
             f"({tp['eval_batches']} x {tp['batch']} windows of {tp['seq']} bytes, the same for both). "
             f"width {tp['width']}, depth {tp['depth']}, heads {tp['heads']}, ranks {tp['world_size']}, k={k}, "
-            f"batch {tp['batch']} x seq {tp['seq']}, {tp['steps']} steps, lr {tp['lr']}, seed {tp['seed']}. "
+            f"batch {tp['batch']} x seq {tp['seq']}, {tp['steps']} steps"
+            + (f" (phantom: up to {ph['steps']}, stopping at TP's final held-out loss)" if ph["steps"] > tp["steps"] else "")
+            + f", lr {tp['lr']}, seed {tp['seed']}. "
             f"Match: {match['kind']} (MLP MACs/rank phantom/TP = {match['mlp_macs_ratio']:.4f}). "
             f"Machine: {tp['machine']}; backend {tp['backend']}, {tp['threads_per_rank']} intra-op thread(s) per "
             f"rank{' (oversubscribed)' if tp['oversubscribed'] else ''}. CPU-seconds: process CPU time (user+sys, "

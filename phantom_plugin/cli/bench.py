@@ -58,8 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--recipe", default="grid", choices=["grid", "e1", "e2"],
                     help="grid: every point; e1: phantom vs TP at equal n and p, with time to a target "
                          "loss; e2: phantom on p/2 ranks trained to TP-on-p's final loss")
-    ap.add_argument("--max-factor", type=float, default=4.0,
-                    help="E2: phantom may run up to this many times TP's steps to reach its loss")
+    ap.add_argument("--max-factor", type=float, default=None,
+                    help="E2 (default 4) and --task lm (default 1): phantom may run up to this many times TP's "
+                         "steps to reach its (lm: held-out) loss")
     ap.add_argument("--inference", action="store_true",
                     help="forward only (torch.inference_mode): throughput at --batch and latency at batch 1; "
                          "--steps forward passes per phase")
@@ -101,6 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if lm_only:
         ap.error(f"{', '.join(lm_only)} apply to --task lm; add --task lm or drop them")
     args.width = args.width or [1024]
+    args.max_factor = 4.0 if args.max_factor is None else args.max_factor
     args.ghosts = args.ghosts or [16]
     args.batch = args.batch or [256]
     args.steps = 100 if args.steps is None else args.steps
@@ -150,6 +152,9 @@ def _lm_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.batch = args.batch or [8]
     args.steps = 300 if args.steps is None else args.steps
     args.lr = 2e-3 if args.lr is None else args.lr
+    args.max_factor = 1.0 if args.max_factor is None else args.max_factor
+    if not args.max_factor >= 1:
+        ap.error(f"--max-factor must be >= 1 (phantom trains at least --steps), got {args.max_factor}")
     try:
         args.lm_plan = lm_plan(width=width, depth=args.depth[0], ranks=p, ghosts=args.ghosts[0],
                                batch=args.batch[0], seq=args.seq, steps=args.steps, heads=args.heads,

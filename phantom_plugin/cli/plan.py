@@ -4,6 +4,7 @@
     phantom-plan --width 8192 --depth 4 --ranks 8 --param-budget 0.25     # suggest k
     phantom-plan --width 2048 --depth 4 --ranks 2 --ghosts 32 --batch 256 --calibrate [--json]
     phantom-plan --width 8192 --depth 4 --ranks 8 --ghosts 64 --batch 8192 --dtype bf16 --datasheet h100-sxm
+    phantom-plan --width 4096 --depth 4 --ranks 8 --ghosts 64 --ffn-hidden 16384   # equal-compute MLP width
 
 Numbers are modeled (see :mod:`phantom_plugin.modeling.counts`), per training step; bytes are what one
 rank sends under ring collectives. ``--calibrate`` starts ``--ranks`` ranks on this machine (gloo;
@@ -12,6 +13,11 @@ optimizer step and collective of both models' training step there (a few seconds
 each model's step time from them (:mod:`phantom_plugin.modeling.step_model`). ``--datasheet DEVICE`` prices the
 same terms at a GPU's datasheet rates and a stated link instead (:mod:`phantom_plugin.modeling.datasheet`):
 extrapolated, not measured, and labelled so. ``--json`` prints the same as JSON.
+
+Every plan also names the equal-compute width of a transformer MLP (``hidden = --width``,
+``ffn_hidden_size = --ffn-hidden``, default ``4 * --width``): the widest phantom MLP whose per-rank
+MACs do not exceed TP's (:func:`phantom_plugin.modeling.counts.equal_compute_ffn_hidden`; what
+``phantom-bench --task lm --match compute`` trains).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from ..modeling.datasheet import GPUS_PER_NODE, extrapolate
 from ..modeling.devices import DEVICES
 from ..shapes import divisibility_error, ghost_dim_error
 
-__all__ = ["main", "plan_table", "k_time_to_loss_hint"]
+__all__ = ["main", "plan_table", "k_time_to_loss_hint", "equal_compute_hint"]
 
 
 def _fmt(n: float) -> str:
@@ -80,6 +86,30 @@ def k_time_to_loss_hint(width: int, ranks: int, ghosts: Optional[int] = None) ->
             "basis": "rule of thumb from one task (teacher FFN, width 1024, p=2, Adam, 300 steps): "
                      "k ~ (n/p)/8 reached a dense model's early loss soonest, (n/p)/4 its later "
                      "losses; larger k only added cost per step. Check with a short sweep on your task"}
+
+
+def equal_compute_hint(width: int, ranks: int, ghosts: int, ffn_hidden: Optional[int] = None) -> dict:
+    """The phantom MLP ``ffn_hidden_size`` at which a transformer MLP (``hidden = width``) costs TP's
+    per-rank MACs: ``{"hidden", "tp_ffn_hidden", "phantom_ffn_hidden", "mlp_macs_ratio", "error"}``
+    (``phantom_ffn_hidden`` ``None`` and ``error`` the reason when it cannot be met)."""
+    ffn = 4 * width if ffn_hidden is None else ffn_hidden
+    out = {"hidden": width, "tp_ffn_hidden": ffn, "ghosts": ghosts, "phantom_ffn_hidden": None,
+           "mlp_macs_ratio": None, "error": None}
+    try:
+        f = counts.equal_compute_ffn_hidden(width, ffn, p=ranks, k=ghosts)
+    except ValueError as e:
+        return {**out, "error": str(e)}
+    ratio = (counts.phantom_mlp_cost(width, f, p=ranks, k=ghosts, tokens=1).macs
+             / counts.tp_mlp_cost(width, ffn, p=ranks, tokens=1).macs)
+    return {**out, "phantom_ffn_hidden": f, "mlp_macs_ratio": ratio}
+
+
+def _equal_compute_note(eq: dict) -> str:
+    if eq["error"]:
+        return f"Equal compute (transformer MLP, hidden {eq['hidden']}, ffn {eq['tp_ffn_hidden']}): {eq['error']}."
+    return (f"Equal compute: a transformer MLP of hidden {eq['hidden']} and ffn_hidden_size {eq['tp_ffn_hidden']} "
+            f"in TP costs what a phantom MLP (k={eq['ghosts']}) of ffn_hidden_size {eq['phantom_ffn_hidden']} costs "
+            f"(MLP MACs/rank phantom/TP = {eq['mlp_macs_ratio']:.4f}; phantom-bench --task lm --match compute).")
 
 
 def _hint_note(hint: dict, ghosts: int) -> str:
@@ -212,6 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--ghosts", type=int, help="ghost neurons per rank k (omit with a budget to get a suggestion)")
     ap.add_argument("--batch", type=int, default=1, help="samples (or tokens) per step")
     ap.add_argument("--dtype", default="fp32", choices=dtypes.names(torch_names=True))
+    ap.add_argument("--ffn-hidden", type=int, default=None,
+                    help="inner width of a transformer MLP of hidden size --width, for the equal-compute line "
+                         "(default 4 x --width)")
     ap.add_argument("--param-budget", type=float, help="suggest the largest k with params <= this fraction of TP's")
     ap.add_argument("--traffic-budget", type=float, help="suggest the largest k with bytes <= this fraction of TP's")
     ap.add_argument("--calibrate", action="store_true",
@@ -238,6 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in ("width", "depth", "ranks", "batch"):
         if getattr(a, name) < 1:
             ap.error(f"--{name} must be >= 1")
+    if a.ffn_hidden is not None:
+        error = divisibility_error("--ffn-hidden", a.ffn_hidden, a.ranks, by="group size (--ranks)") \
+            if a.ffn_hidden >= 1 else f"--ffn-hidden must be >= 1, got {a.ffn_hidden}"
+        if error:
+            ap.error(error)
     error = divisibility_error("--width", a.width, a.ranks, by="group size (--ranks)",
                                fix=f"choose a --width that is a multiple of {a.ranks}, or --ranks that divides it")
     if error:
@@ -294,11 +332,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pred = (calibrated_prediction(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, a.activation,
                                   bind_cores=a.bind_cores) if a.calibrate else None)
     hint = k_time_to_loss_hint(a.width, a.ranks, ghosts) if a.ranks > 1 else None
+    equal = equal_compute_hint(a.width, a.ranks, ghosts, a.ffn_hidden) if a.ranks > 1 else None
     if a.json:
         out = plan_dict(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype, pred)
         if ext is not None:
             out.update(ext)
         out["k_time_to_loss_hint"] = hint
+        out["equal_compute_mlp"] = equal
         print(json.dumps(out, indent=1))
         return 0
     table = plan_table(a.width, a.depth, a.ranks, ghosts, a.batch, a.dtype)
@@ -312,6 +352,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         table += "\n\n" + _extrapolation_note(ext)
     if hint is not None:
         table += "\n\n" + _hint_note(hint, ghosts)
+    if equal is not None:
+        table += "\n\n" + _equal_compute_note(equal)
     print(table)
     return 0
 
