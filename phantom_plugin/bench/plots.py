@@ -140,10 +140,16 @@ def write_lm_plots(runs: list[dict], out_dir: str, title: str = "") -> list[str]
         label = f"{r['mode']} ffn={r['ffn_hidden']}" + (f" k={r['ghost_dim']}" if r["mode"] == "phantom" else "")
         for ax, xs in zip(axes, (steps, [cpu[s] for s in steps], [joules[s] for s in steps])):
             ax.plot(xs, loss, style[r["mode"]], markersize=3, label=label)
+    # the loss before training (step 0) is far above the rest: leave it off the scale
+    later = [e["loss"] for r in runs for e in r["evals"][1:]]
+    low = min([target, *later])
+    top = max(later) if later else None
     for ax, xl in zip(axes, ("step", "CPU-seconds, all ranks (training steps only, measured)",
                              "GPU energy, J (MODELED from FLOPs and bytes)")):
         ax.axhline(target, color="grey", linestyle=":", linewidth=1)
-        ax.set(xlabel=xl, ylabel="held-out loss (nats/byte)")
+        ax.set(xlabel=xl, ylabel="held-out loss (nats/byte); dotted: TP's final")
+        if top is not None and top > low:
+            ax.set_ylim(low - 0.05 * (top - low), top + 0.05 * (top - low))
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "held-out loss")
     return [_save(fig, out_dir, "lm_heldout_loss.png")]
