@@ -11,14 +11,12 @@ transformer MLP"), so attention styles without sequence parallelism compose unch
 Parameters are DTensors. Each phantom parameter differs across the ``p`` tensor-parallel ranks, so
 it is stored as ``Shard(0)`` of a stacked global tensor on the tp mesh:
 
-=================  ======================  ===========================
-parameter          local (rank ``i``)      global (``Shard(0)``)
-=================  ======================  ===========================
-``local_weight``   ``L_i [n_out/p, n_in/p]``  ``[n_out, n_in/p]``
-``compressor``     ``C_i [k, n_in/p]``         ``[p*k, n_in/p]``
-``decompressor``   ``[n_out/p, (p-1)k]``       ``[n_out, (p-1)k]``
-``bias``           ``b_i [n_out/p]``           ``[n_out]``
-=================  ======================  ===========================
+| parameter | local (rank ``i``) | global (``Shard(0)``) |
+| --- | --- | --- |
+| ``local_weight`` | ``L_i [n_out/p, n_in/p]`` | ``[n_out, n_in/p]`` |
+| ``compressor`` | ``C_i [k, n_in/p]`` | ``[p*k, n_in/p]`` |
+| ``decompressor`` | ``[D_ij, j != i] [n_out/p, (p-1)k]`` | ``[n_out, (p-1)k]`` |
+| ``bias`` | ``b_i [n_out/p]`` | ``[n_out]`` |
 
 Plain tensors would be taken for replicas by ``torch.distributed.checkpoint`` (DCP), which then
 saves one tp rank's copy only, and by FSDP2's 2-D handling; as DTensors every rank's blocks are

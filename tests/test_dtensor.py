@@ -35,7 +35,7 @@ from dist_utils import run_ranks  # noqa: E402
 V, H, FFN, T = 128, 64, 128, 16       # vocabulary, hidden size, MLP width, tokens per sequence
 TP, DP = 2, 2
 K = FFN // TP                          # width/size: exact for every layer (gate/up capped at H/TP)
-STEPS, LR = 20, 0.5
+STEPS, LR = 20, 0.2
 
 
 # --- shared builders (run inside the ranks) ------------------------------------------------
