@@ -279,11 +279,12 @@ def check_plan(model: nn.Module, device_mesh: DeviceMesh, plan: dict) -> list[st
         found = _resolve(model, key)
         if not found:
             near = _mlp_like(model)
+            example = ".".join("*" if part.isdigit() else part for part in near[0].split(".")) if near else ""
             raise ValueError(
                 f"plan entry {key!r} (PhantomMLPParallel) matches no module of "
                 f"{type(model).__name__}; keys are matched token by token (fnmatch) against child "
                 f"names. Modules with an MLP layout here: {near[:3] + (['...'] if len(near) > 3 else [])}"
-                f"{'' if near else ' (none)'}; e.g. use {near[0].split('.')[0] + '.*' if near else 'model.layers.*.mlp'!r}-style keys")
+                + (f"; e.g. the key {example!r}" if near else ""))
         for name, module in found:
             style.check(module, name, device_mesh)
             _NAMES[module] = name

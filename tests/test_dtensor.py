@@ -463,7 +463,7 @@ def errors():
 
 
 @pytest.mark.parametrize("case, words", [
-    ("no_match", ["'model.layers.*.ffn'", "matches no module", "model.layers.0.mlp"]),
+    ("no_match", ["'model.layers.*.ffn'", "matches no module", "model.layers.0.mlp", "the key 'model.layers.*.mlp'"]),
     ("not_mlp", ["model.layers.0.self_attn", "cannot be converted", "MLP modules only"]),
     ("conflict", ["'model.layers.*.mlp.gate_proj'", "model.layers.0.mlp", "remove the other entry"]),
     ("sharded", ["already holds DTensor parameters", "gate_proj.weight", "no other plan entry"]),
