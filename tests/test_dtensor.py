@@ -11,7 +11,7 @@ mesh; gloo's ``reduce_scatter_tensor`` and ``all_gather_into_tensor`` serve it).
 * training: 20 SGD steps follow the loss trajectory of a single-process float64 reference built
   from the same phantom blocks (each MLP layer ``y = W x`` with ``W`` assembled from ``L_i, C_j,
   D_ij``, which is the phantom layer's exact math, so its gradients are the phantom gradients):
-  relative 1e-4 (float32 against float64 over 20 steps; measured about 1e-6);
+  relative 1e-4 (float32 against float64 over 20 steps; measured 7e-7, loss 4.86 -> 0.83);
 * DCP: save, perturb, load (and load into a freshly built model): every parameter and every
   optimizer state equal bit for bit; the tp ranks' blocks differ, so one rank's copy would not do;
 * activation checkpointing (``checkpoint_wrapper`` per decoder layer): the same gradients;
