@@ -216,18 +216,38 @@ def _check_same_weights(plans: Sequence[_Plan], group, p: int) -> None:
                          "(torch.manual_seed(s)), or initialise phantom layers randomly")
 
 
-def _build(lin: nn.Module, full_name: str, k: int, group, init: str, seed: int, chunks: int) -> PhantomLinear:
+def _build(lin: nn.Module, full_name: str, k: int, group, init: str, seed: int, chunks: int,
+           layer_cls: type = PhantomLinear) -> PhantomLinear:
     weight, bias, _ = dense_parts(lin)
     if init == "dense":
         if chunks > 1:           # phantom rows rank by rank, chunk by chunk (see phantom_plugin.edge)
             order = fused_row_order(weight.shape[0], chunks, comm.group_size(group)).to(weight.device)
             weight = weight.index_select(0, order)
             bias = None if bias is None else bias.index_select(0, order)
-        return PhantomLinear.from_dense(weight, bias, ghost_dim=k, group=group)
+        return layer_cls.from_dense(weight, bias, ghost_dim=k, group=group)
     with torch.no_grad():
-        return PhantomLinear(weight.shape[1], weight.shape[0], ghost_dim=k, group=group,
-                             bias=bias is not None, device=weight.device,
-                             dtype=weight.dtype, seed=derive_seed(seed, full_name))
+        return layer_cls(weight.shape[1], weight.shape[0], ghost_dim=k, group=group,
+                         bias=bias is not None, device=weight.device,
+                         dtype=weight.dtype, seed=derive_seed(seed, full_name))
+
+
+def _convert_plan(plan: _Plan, group, p: int, ghost_dim: int, init: str, seed: int, *,
+                  layer_cls: type = PhantomLinear, edge_cls: type = PhantomEdgeLinear) -> Conversion:
+    """Swap the linear children of one checked plan for ``edge_cls`` modules (collective over ``group``)."""
+    errors = []
+    for child, lin, scatter_in, gather_out in plan.layers:
+        full = f"{plan.name}.{child}" if plan.name else child
+        chunks = FUSED_CHUNKS.get(child, 1) if plan.kind == "mlp" else 1
+        phantom = _build(lin, full, _ghosts(lin, p, ghost_dim), group, init, seed, chunks, layer_cls)
+        if phantom.approx_error is not None:
+            errors.append(phantom.approx_error)
+        phantom.requires_grad_(dense_parts(lin)[0].requires_grad)
+        setattr(plan.module, child, edge_cls(
+            phantom, scatter_input=scatter_in, gather_output=gather_out,
+            template=meta_template(lin), transposed=dense_parts(lin)[2], fused_chunks=chunks,
+            name=full))
+    return Conversion(plan.name, plan.kind, tuple(c for c, *_ in plan.layers),
+                      max(errors) if errors else None)
 
 
 def find_matches(model: nn.Module, patterns: Iterable[str]) -> tuple[list[tuple[str, nn.Module]], list[str]]:
@@ -304,23 +324,7 @@ def convert_modules(model: nn.Module, patterns: Sequence[str], *, ghost_dim: int
     # --- every check passed on every rank: collectives from here on ---------------------------
     if init == "dense" and plans:
         _check_same_weights(plans, group, p)
-    done = []
-    for plan in plans:
-        errors = []
-        for child, lin, scatter_in, gather_out in plan.layers:
-            full = f"{plan.name}.{child}" if plan.name else child
-            chunks = FUSED_CHUNKS.get(child, 1) if plan.kind == "mlp" else 1
-            phantom = _build(lin, full, _ghosts(lin, p, ghost_dim), group, init, seed, chunks)
-            if phantom.approx_error is not None:
-                errors.append(phantom.approx_error)
-            phantom.requires_grad_(dense_parts(lin)[0].requires_grad)
-            setattr(plan.module, child, PhantomEdgeLinear(
-                phantom, scatter_input=scatter_in, gather_output=gather_out,
-                template=meta_template(lin), transposed=dense_parts(lin)[2], fused_chunks=chunks,
-                name=full))
-        done.append(Conversion(plan.name, plan.kind, tuple(c for c, *_ in plan.layers),
-                               max(errors) if errors else None))
-    return done
+    return [_convert_plan(plan, group, p, ghost_dim, init, seed) for plan in plans]
 
 
 def parameter_sources(model: nn.Module) -> dict[str, list[nn.Parameter]]:

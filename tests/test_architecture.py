@@ -4,8 +4,8 @@ Layers, a lower one never importing a higher one (docs/architecture.md):
 
 0. core: the top-level modules of ``phantom_plugin`` (placement, comm, ops, layers, ...);
 1. ``phantom_plugin.modeling`` (cost and step-time models, datasheets);
-2. the adapters ``phantom_plugin.megatron`` and ``phantom_plugin.deepspeed`` (neither imports
-   the other);
+2. the adapters ``phantom_plugin.megatron``, ``phantom_plugin.deepspeed`` and
+   ``phantom_plugin.dtensor`` (PyTorch's DTensor/FSDP2 stack; none imports another);
 3. ``phantom_plugin.bench`` (the benchmark harness);
 4. ``phantom_plugin.cli`` (``phantom-plan``, ``phantom-bench``);
 5. ``phantom_plugin.integrations`` (the top-level folder ``integrations/``, installed under that
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parent.parent
 PKG = "phantom_plugin"
 SOURCES = {PKG: ROOT / "phantom_plugin", f"{PKG}.integrations": ROOT / "integrations"}
-LAYERS = {"modeling": 1, "megatron": 2, "deepspeed": 2, "bench": 3, "cli": 4, "integrations": 5}
-ADAPTERS = ("megatron", "deepspeed")
+LAYERS = {"modeling": 1, "megatron": 2, "deepspeed": 2, "dtensor": 2, "bench": 3, "cli": 4, "integrations": 5}
+ADAPTERS = ("megatron", "deepspeed", "dtensor")
 LAYER_NAMES = {0: "core", 1: "modeling", 2: "adapter", 3: "bench", 4: "cli", 5: "integrations"}
 
 
