@@ -69,8 +69,8 @@ test311: install
 test312:
 ifeq ($(strip $(PYTHON312)),)
 	@echo "################################################################"
-	@echo "SKIPPED: python3.12 leg (no python3.12 found; the Megatron tests"
-	@echo "ran only against the megatron-core that this Python resolves)"
+	@echo "SKIPPED: python3.12 leg (no python3.12 found; the suite ran only"
+	@echo "on the pinned torch 2.13 leg, not on the newest releases)"
 	@echo "################################################################"
 else
 	$(MAKE) --no-print-directory install312
