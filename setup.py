@@ -68,7 +68,8 @@ setup(
         # phantom-bench and phantom-plan --calibrate always build megatron-core's TP baseline; plots
         "bench": MEGATRON + ["matplotlib"],
         # the test tools; the suite also needs the extras of what it tests (`make test` installs
-        # megatron, deepspeed, energy, test and docs; its Python 3.12 leg megatron and test)
+        # megatron, deepspeed, energy, test and docs; its Python 3.12 leg megatron, deepspeed,
+        # hf, energy and test, at their newest releases)
         "test": ["pytest>=7", "ruff", "matplotlib"] + HF,
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
     },

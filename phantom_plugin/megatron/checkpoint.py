@@ -17,7 +17,11 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.core import CheckpointingException, maybe_load_config
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 
@@ -46,8 +50,10 @@ def _single(model, who: str):
 def check_checkpoint(model, checkpoint_dir: str, *, metadata: Optional[dict] = None) -> None:
     """Raise :class:`PhantomCheckpointError` if ``checkpoint_dir`` cannot load into ``model``'s phantom MLPs.
 
-    Reads the checkpoint's tensor metadata only; no collective. Names the saved and the current
-    TP size (and ghost_dim), or says the checkpoint holds dense MLPs.
+    Reads only the checkpoint's metadata files (tensor names and global shapes; no tensor data, no
+    collective, so any subset of ranks may call it). Names the saved and the current TP size (and
+    ghost_dim), or says the checkpoint holds dense MLPs; a directory that is not a megatron
+    distributed checkpoint raises megatron's ``CheckpointingException``.
     """
     owner = {}                                                # id(param) -> its PhantomMLP
     for chunk in _chunks(model):
@@ -56,7 +62,7 @@ def check_checkpoint(model, checkpoint_dir: str, *, metadata: Optional[dict] = N
                 owner.update({id(p): m for p in m.parameters()})
     if not owner:
         return
-    saved = dist_checkpointing.load_tensors_metadata(checkpoint_dir)
+    saved = _saved_shapes(checkpoint_dir)
     tensors = {}
     for chunk in _chunks(model):
         tensors.update({sh.key: sh for sh in nested_values(chunk.sharded_state_dict(metadata=metadata))
@@ -72,25 +78,47 @@ def check_checkpoint(model, checkpoint_dir: str, *, metadata: Optional[dict] = N
                     f"phantom_plugin.megatron.convert_to_phantom(model, ghost_dim={mlp.ghost_dim})")
             raise PhantomCheckpointError(f"checkpoint {checkpoint_dir} has no '{key}' for this model's "
                                          "phantom MLP (was it saved at tensor-parallel size 1?)")
-        if tuple(saved[key].global_shape) == tuple(sh.global_shape):
+        if saved[key] == tuple(sh.global_shape):
             continue
         p_saved, k_saved = _saved_layout(saved, key[: key.rindex("linear_fc")], mlp.ffn_hidden_size)
         raise PhantomCheckpointError(
             f"checkpoint {checkpoint_dir} holds phantom MLPs saved at tensor-parallel size {p_saved} "
             f"with ghost_dim {k_saved}, but this model runs at tensor-parallel size {mlp.group_size} with "
-            f"ghost_dim {mlp.ghost_dim} ('{key}': saved {tuple(saved[key].global_shape)}, expected "
+            f"ghost_dim {mlp.ghost_dim} ('{key}': saved {saved[key]}, expected "
             f"{tuple(sh.global_shape)}). Phantom blocks depend on both. To change the TP size, "
             f"{_RESHARD}; to change ghost_dim, call to_dense(model) then convert_to_phantom at the same size")
+
+
+def _saved_shapes(checkpoint_dir: str) -> dict:
+    """``{key: global shape}`` of every tensor a megatron distributed checkpoint holds.
+
+    Reads the checkpoint's ``metadata.json`` and, for the ``torch_dist`` backend (megatron's
+    default), torch's ``.metadata`` file, taking each tensor's global shape from its
+    ``TensorStorageMetadata.size``; no tensor is built and no collective runs. (Megatron's
+    ``load_tensors_metadata`` builds ``torch.empty(size, **properties)``, which torch 2.15's
+    ``TensorProperties`` with their ``strides`` field break.) Other backends go through
+    ``load_tensors_metadata``.
+    """
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointingException(f"Checkpoint directory {checkpoint_dir} does not exist")
+    config = maybe_load_config(checkpoint_dir)
+    if config is None:
+        raise CheckpointingException(f"{checkpoint_dir} is not a distributed checkpoint")
+    if config.sharded_backend != "torch_dist":
+        return {k: tuple(sh.global_shape)
+                for k, sh in dist_checkpointing.load_tensors_metadata(checkpoint_dir).items()}
+    entries = FileSystemReader(checkpoint_dir).read_metadata().state_dict_metadata
+    return {k: tuple(md.size) for k, md in entries.items() if isinstance(md, TensorStorageMetadata)}
 
 
 def _saved_layout(saved: dict, mlp_prefix: str, ffn: int) -> tuple:
     """``(p, k)`` a phantom MLP was saved with, from fc2's global shapes (``None`` where unknown)."""
     local = saved.get(mlp_prefix + "linear_fc2.local_weight")
-    if local is None or not local.global_shape[-1] or ffn % local.global_shape[-1]:
+    if local is None or not local[-1] or ffn % local[-1]:
         return None, None
-    p = ffn // local.global_shape[-1]                                # local_weight [.., h, ffn/p]
+    p = ffn // local[-1]                                             # local_weight [.., h, ffn/p]
     comp = saved.get(mlp_prefix + "linear_fc2.compressor")          # compressor   [.., p*k, ffn/p]
-    return p, (comp.global_shape[-2] // p if comp is not None else None)
+    return p, (comp[-2] // p if comp is not None else None)
 
 
 def save_checkpoint(model, checkpoint_dir: str, *, metadata: Optional[dict] = None, **save_kwargs) -> None:
