@@ -288,6 +288,7 @@ def _hf_rank(rank, world):
     dense = tf.LlamaForCausalLM(config).double()
     model = copy.deepcopy(dense)
     convert_modules(model, [r"\.mlp$"], ghost_dim=16 // world, group=None)   # k = width/p: exact
+    out = {}
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(3))
     w_out = torch.randn(2, 7, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
 
@@ -298,9 +299,19 @@ def _hf_rank(rank, world):
         return logits.detach(), {n.removeprefix("_orig_mod."): p.grad.clone()
                                  for n, p in m.named_parameters() if p.grad is not None}
 
+    fresh = copy.deepcopy(model)                      # its first-forward input check not yet run
     ref, _ = run(dense)
+    try:
+        run(_compile(copy.deepcopy(fresh))[0])
+        out["fresh_fullgraph"] = "no error"
+    except Exception as e:                             # the input check runs eagerly: refused
+        out["fresh_fullgraph"] = str(e)
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    loose, _ = run(torch.compile(fresh, backend="aot_eager"))     # one graph break, then compiled
+    out["fresh_loose_vs_dense"] = float((loose - ref).abs().max())
     eager, eager_grads = run(model)
-    out = {"eager_vs_dense": float((eager - ref).abs().max())}
+    out["eager_vs_dense"] = float((eager - ref).abs().max())
     compiled, counter = _compile(model)
     got, got_grads = run(compiled)
     out["frames"] = counter.frame_count
@@ -308,7 +319,6 @@ def _hf_rank(rank, world):
                           + [float((got_grads[n] - eager_grads[n]).abs().max()) for n in eager_grads])
     out["same_params"] = set(got_grads) == set(eager_grads)
     out["vs_dense"] = float((got - ref).abs().max())
-    import torch._dynamo as dynamo
     dynamo.reset()
     out["breaks"] = dynamo.explain(lambda i: model(input_ids=i).logits)(ids).graph_break_count
     return out
@@ -319,3 +329,5 @@ def test_compiled_converted_llama_has_no_graph_break_and_matches_dense():
     for r in run_ranks(_hf_rank, 2, timeout=600):
         assert r["breaks"] == 0 and r["frames"] == 1 and r["same_params"], r
         assert r["eager_vs_dense"] < TOL and r["vs_dense"] < TOL and r["vs_eager"] < TOL, r
+        assert "run one eager forward before torch.compile" in r["fresh_fullgraph"], r["fresh_fullgraph"]
+        assert r["fresh_loose_vs_dense"] < TOL, r
