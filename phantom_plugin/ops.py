@@ -4,6 +4,12 @@ Tier two of three: :mod:`comm` holds raw collectives, this module the autograd F
 (named for where the data goes) and their public lowercase wrappers, :mod:`layers` the modules.
 Layers call only the wrappers below.
 
+Each op issues its collectives through :mod:`comm` in eager mode (c10d work handles: byte
+counter, routing, timeouts) and through :mod:`traceable` (torch's functional collectives) under
+``torch.compile`` or inside :func:`use_functional_collectives`; the wrapper picks the path when
+the op runs forward and the backward takes the same one. Both issue a collective before the
+local GEMM it overlaps and wait where its result is read.
+
 Shapes use ``*`` for any leading batch dims, ``B`` for their product, ``p`` for the group size,
 ``k`` for the ghost dimension. Rank ``i`` owns ``x_shard [*, n_in/p]`` and ``y_shard [*, n_out/p]``.
 """
