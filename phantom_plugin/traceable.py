@@ -21,8 +21,8 @@ What :mod:`comm` does and this module does not, under compilation (``docs/pytorc
   :func:`phantom_plugin.ops.use_functional_collectives`) records are kept as :mod:`comm` keeps them.
 * **timeout**: :func:`comm.collective_timeout` cannot bound a wait inside a graph; tracing under a
   bound raises ``RuntimeError``.
-* **routing**: the collective runs on ``group`` through torch's own c10d, not through the
-  :func:`comm.use_backend` module (DeepSpeed's comms logger does not see it); a backend's
+* **routing** (in eager mode too): the collective runs on ``group`` through torch's own c10d,
+  not through the :func:`comm.use_backend` module (DeepSpeed's comms logger does not see it); a backend's
   ``wire_dtype`` is honoured by casting floating tensors for the wire and back, as the DeepSpeed
   route does.
 * **devices**: the tensor must be on a device the group serves (gloo: CPU, NCCL: CUDA); the CPU
