@@ -110,8 +110,15 @@ class PhantomEdgeLinear(nn.Module):
         y = self.phantom(x)                                               # [*, n_out/p]
         return ops.gather_from_group(y, group) if self.gather_output else y
 
+    @torch.compiler.disable(reason=(
+        "phantom_plugin: a converted layer checks on its first forward that every rank got the "
+        "same input (an eager all-gather and a comparison on the host); run one eager forward "
+        "before torch.compile(..., fullgraph=True), or compile without fullgraph (one graph "
+        "break, on the first call only)"))
     def _check_replicated(self, x: torch.Tensor) -> None:
-        """One all-gather of ``[numel, sum, |sum|, weighted sum]``; raises on every rank on a mismatch."""
+        """One all-gather of ``[numel, sum, |sum|, weighted sum]``; raises on every rank on a mismatch.
+
+        Runs eagerly under ``torch.compile`` (host-side comparison), once per layer."""
         self._input_checked = True
         p = self.phantom.group_size
         if p == 1:

@@ -4,6 +4,12 @@ Tier two of three: :mod:`comm` holds raw collectives, this module the autograd F
 (named for where the data goes) and their public lowercase wrappers, :mod:`layers` the modules.
 Layers call only the wrappers below.
 
+Each op issues its collectives through :mod:`comm` in eager mode (c10d work handles: byte
+counter, routing, timeouts) and through :mod:`traceable` (torch's functional collectives) under
+``torch.compile`` or inside :func:`use_functional_collectives`; the wrapper picks the path when
+the op runs forward and the backward takes the same one. Both issue a collective before the
+local GEMM it overlaps and wait where its result is read.
+
 Shapes use ``*`` for any leading batch dims, ``B`` for their product, ``p`` for the group size,
 ``k`` for the ghost dimension. Rank ``i`` owns ``x_shard [*, n_in/p]`` and ``y_shard [*, n_out/p]``.
 """
@@ -15,10 +21,43 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import comm
+from . import comm, traceable
 
 __all__ = ["phantom_linear", "scatter_to_group", "gather_from_group",
-           "sequence_to_hidden", "hidden_to_sequence"]
+           "sequence_to_hidden", "hidden_to_sequence", "use_functional_collectives"]
+
+_FUNCTIONAL_IN_EAGER = False
+"""Whether eager calls take the functional-collective path (:func:`use_functional_collectives`)."""
+
+
+@contextlib.contextmanager
+def use_functional_collectives(enabled: bool = True):
+    """Issue the phantom ops' collectives through torch's functional collectives in eager mode too.
+
+    Under ``torch.compile`` the ops always do (:mod:`.traceable`; a c10d work handle cannot be
+    traced). In eager mode they use :mod:`.comm` (byte counter, :func:`comm.use_backend`
+    routing, :func:`comm.collective_timeout`, device moves) unless this block says otherwise;
+    the two paths compute the same values (``tests/test_compile.py``) and ran at the same speed
+    (``benchmarks/funcol_eager_check.py``). The path is chosen when an op runs forward, and its
+    backward takes the same one. Process-wide while the block lasts; blocks nest.
+    """
+    global _FUNCTIONAL_IN_EAGER
+    previous = _FUNCTIONAL_IN_EAGER
+    _FUNCTIONAL_IN_EAGER = bool(enabled)
+    try:
+        yield
+    finally:
+        _FUNCTIONAL_IN_EAGER = previous
+
+
+def _traced() -> bool:
+    """Whether this call takes the functional path (always under torch.compile)."""
+    return torch.compiler.is_compiling() or _FUNCTIONAL_IN_EAGER
+
+
+def _coll(traced: bool):
+    """The raw-collective module of a path (looked up per call, so tests may patch :mod:`comm`)."""
+    return traceable if traced else comm
 
 
 def _remote_index(p: int, rank: int, device) -> torch.Tensor:
@@ -50,12 +89,12 @@ class _PhantomLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, local_w, comp_w, decomp_w, bias, group, rank):
+    def forward(ctx, x, local_w, comp_w, decomp_w, bias, group, rank, traced):
         with _no_autocast(x.device):
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])                              # [B, n_in/p]
             ghosts = x2 @ comp_w.t()                                     # [B, k]
-            pending = comm.all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
+            pending = _coll(traced).all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
             y = x2 @ local_w.t() if bias is None else torch.addmm(bias, x2, local_w.t())  # [B, n_out/p]
             gathered = pending.wait()                                    # [p, B, k]
             p, B = gathered.shape[0], x2.shape[0]
@@ -64,6 +103,7 @@ class _PhantomLinear(torch.autograd.Function):
             y.addmm_(remote, decomp_w.t())
         ctx.save_for_backward(x2, remote, local_w, comp_w, decomp_w)
         ctx.group, ctx.rank, ctx.p, ctx.has_bias, ctx.lead = group, rank, p, bias is not None, lead
+        ctx.traced = traced
         return y.reshape(*lead, y.shape[-1])
 
     @staticmethod
@@ -83,7 +123,7 @@ class _PhantomLinear(torch.autograd.Function):
         for lo, hi, src in ((0, r, 0), (r + 1, p, r)):                   # slots before / after own
             if hi > lo:                                                  # dG_j = dy D_ij
                 torch.matmul(dy2.expand(hi - lo, B, mo), decomp_3[src:src + hi - lo], out=d_all[lo:hi])
-        pending = comm.reduce_scatter(d_all, ctx.group, async_op=True, tag="ghosts_bwd")
+        pending = _coll(ctx.traced).reduce_scatter(d_all, ctx.group, async_op=True, tag="ghosts_bwd")
         need_x, need_l, need_c, need_d, need_b = ctx.needs_input_grad[:5]
         d_local = dy2.t() @ x2 if need_l else None                       # [n_out/p, n_in/p]
         d_decomp = None                                                  # [n_out/p, (p-1)k]
@@ -98,7 +138,7 @@ class _PhantomLinear(torch.autograd.Function):
         if need_x:
             dx.addmm_(dg, comp_w)
             dx = dx.reshape(*ctx.lead, dx.shape[-1])
-        return dx, d_local, d_comp, d_decomp, d_bias, None, None
+        return dx, d_local, d_comp, d_decomp, d_bias, None, None, None
 
 
 def _autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -135,13 +175,14 @@ def phantom_linear(x_shard: torch.Tensor, local_weight: torch.Tensor, compressor
             return t if t is None or not t.is_floating_point() or t.dtype == dtype else t.to(dtype)
         x_shard, local_weight, compressor, decompressor, bias = (
             cast(t) for t in (x_shard, local_weight, compressor, decompressor, bias))
-    return _PhantomLinear.apply(x_shard, local_weight, compressor, decompressor, bias, group, rank)
+    return _PhantomLinear.apply(x_shard, local_weight, compressor, decompressor, bias, group, rank,
+                                _traced())
 
 
 # --- region ops at the edges of a phantom block ---------------------------------------------
 
-def _gather_last(x: torch.Tensor, group, tag: str) -> torch.Tensor:
-    gathered = comm.all_gather(x, group, tag=tag)                        # [p, *, m]
+def _gather_last(x: torch.Tensor, group, tag: str, traced: bool) -> torch.Tensor:
+    gathered = _coll(traced).all_gather(x, group, tag=tag)               # [p, *, m]
     return torch.cat(gathered.unbind(0), dim=-1)                         # [*, p*m]
 
 
@@ -156,57 +197,57 @@ class _ScatterToGroup(torch.autograd.Function):
     Backward: all-gather of the slices' grads ``[*, n/p] -> [*, n]``."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
+    def forward(ctx, x, group, traced):
+        ctx.group, ctx.traced = group, traced
         return _own_last(x, group)
 
     @staticmethod
     def backward(ctx, dy):
-        return _gather_last(dy, ctx.group, "scatter_bwd"), None
+        return _gather_last(dy, ctx.group, "scatter_bwd", ctx.traced), None, None
 
 
 class _GatherFromGroup(torch.autograd.Function):
     """Forward: all-gather ``[*, n/p] -> [*, n]``. Backward: take own slice of the grad (no communication)."""
 
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx, x, group, traced):
         ctx.group = group
-        return _gather_last(x, group, "gather_fwd")
+        return _gather_last(x, group, "gather_fwd", traced)
 
     @staticmethod
     def backward(ctx, dy):
-        return _own_last(dy, ctx.group), None
+        return _own_last(dy, ctx.group), None, None
 
 
 def scatter_to_group(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """forward: split the last dim, keep own shard; backward: all-gather. ``[*, n] -> [*, n/p]``."""
     if comm.group_size(group) == 1:
         return x
-    return _ScatterToGroup.apply(x, group)
+    return _ScatterToGroup.apply(x, group, _traced())
 
 
 def gather_from_group(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """forward: all-gather the last dim; backward: keep own shard. ``[*, n/p] -> [*, n]``."""
     if comm.group_size(group) == 1:
         return x
-    return _GatherFromGroup.apply(x, group)
+    return _GatherFromGroup.apply(x, group, _traced())
 
 
 # --- sequence-parallel layout switch (all-to-all) -------------------------------------------
 
-def _seq_to_hidden(x: torch.Tensor, group, tag: str) -> torch.Tensor:
+def _seq_to_hidden(x: torch.Tensor, group, tag: str, traced: bool) -> torch.Tensor:
     """``[s/p, *, h]`` (sequence shard) -> ``[s, *, h/p]`` (hidden shard)."""
     p = comm.group_size(group)
     chunks = torch.stack(x.chunk(p, dim=-1), dim=0)                      # [p, s/p, *, h/p]
-    recv = comm.all_to_all(chunks, group, tag=tag)                       # [p, s/p, *, h/p]
+    recv = _coll(traced).all_to_all(chunks, group, tag=tag)              # [p, s/p, *, h/p]
     return recv.reshape(-1, *recv.shape[2:])                             # [s, *, h/p]
 
 
-def _hidden_to_seq(x: torch.Tensor, group, tag: str) -> torch.Tensor:
+def _hidden_to_seq(x: torch.Tensor, group, tag: str, traced: bool) -> torch.Tensor:
     """``[s, *, h/p]`` (hidden shard) -> ``[s/p, *, h]`` (sequence shard)."""
     p = comm.group_size(group)
     chunks = x.reshape(p, x.shape[0] // p, *x.shape[1:])                 # [p, s/p, *, h/p]
-    recv = comm.all_to_all(chunks, group, tag=tag)                       # [p, s/p, *, h/p]
+    recv = _coll(traced).all_to_all(chunks, group, tag=tag)              # [p, s/p, *, h/p]
     return torch.cat(recv.unbind(0), dim=-1)                             # [s/p, *, h]
 
 
@@ -214,37 +255,37 @@ class _SequenceToHidden(torch.autograd.Function):
     """Forward: all-to-all ``[s/p, *, h] -> [s, *, h/p]``. Backward: the inverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_hidden(x, group, "seq_to_hidden_fwd")
+    def forward(ctx, x, group, traced):
+        ctx.group, ctx.traced = group, traced
+        return _seq_to_hidden(x, group, "seq_to_hidden_fwd", traced)
 
     @staticmethod
     def backward(ctx, dy):
-        return _hidden_to_seq(dy, ctx.group, "seq_to_hidden_bwd"), None
+        return _hidden_to_seq(dy, ctx.group, "seq_to_hidden_bwd", ctx.traced), None, None
 
 
 class _HiddenToSequence(torch.autograd.Function):
     """Forward: all-to-all ``[s, *, h/p] -> [s/p, *, h]``. Backward: the inverse all-to-all."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _hidden_to_seq(x, group, "hidden_to_seq_fwd")
+    def forward(ctx, x, group, traced):
+        ctx.group, ctx.traced = group, traced
+        return _hidden_to_seq(x, group, "hidden_to_seq_fwd", traced)
 
     @staticmethod
     def backward(ctx, dy):
-        return _seq_to_hidden(dy, ctx.group, "hidden_to_seq_bwd"), None
+        return _seq_to_hidden(dy, ctx.group, "hidden_to_seq_bwd", ctx.traced), None, None
 
 
 def sequence_to_hidden(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """forward: all-to-all sequence shard -> hidden shard; backward: the reverse all-to-all."""
     if comm.group_size(group) == 1:
         return x
-    return _SequenceToHidden.apply(x, group)
+    return _SequenceToHidden.apply(x, group, _traced())
 
 
 def hidden_to_sequence(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """forward: all-to-all hidden shard -> sequence shard; backward: the reverse all-to-all."""
     if comm.group_size(group) == 1:
         return x
-    return _HiddenToSequence.apply(x, group)
+    return _HiddenToSequence.apply(x, group, _traced())
