@@ -64,7 +64,7 @@ def build(args, phantom: bool, device):
     else:
         spec, positions = cpu_attention_spec(specs.get_gpt_layer_local_spec()), "learned_absolute"
     if phantom:
-        spec = with_phantom_mlp(spec, ghost_dim=args.ghost_dim, seed=args.seed)
+        spec = with_phantom_mlp(spec, ghost_dim=args.ghost_dim, seed=args.seed, init=getattr(args, "init", "spectral"))
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=256, max_sequence_length=args.seq,
                      position_embedding_type=positions, share_embeddings_and_output_weights=False)
     if not phantom:
@@ -75,8 +75,8 @@ def build(args, phantom: bool, device):
 @torch.no_grad()
 def same_mlp_init(model, seed: int) -> None:
     """Give TP's MLPs the phantom MLPs' initialisation convention (fan-in uniform masters of
-    :mod:`phantom_plugin.init`, seeded per layer as ``PhantomMLP``), so the comparison differs only
-    in the off-diagonal blocks: TP's diagonal blocks then equal phantom's ``L_i``."""
+    :mod:`phantom_plugin.init`, seeded per layer as ``PhantomMLP``): TP's diagonal blocks then equal
+    phantom's ``L_i`` under ``--init balanced`` (and ``L_i / sqrt(p)`` under ``spectral``)."""
     from megatron.core import parallel_state
     from phantom_plugin import init
     p = parallel_state.get_tensor_model_parallel_world_size()
@@ -178,6 +178,9 @@ def main() -> None:
     ap.add_argument("--ghost-dim", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--init", choices=("spectral", "balanced"), default="spectral",
+                    help="phantom MLPs' initialisation scheme (PhantomLinear's init; spectral won "
+                         "docs/choosing-k.md's parametrisation study)")
     ap.add_argument("--factor-lr-mult", type=float, default=None,
                     help="lr multiplier of compressors and decompressors (default: param_groups' k-aware rule)")
     ap.add_argument("--generate", type=int, default=0, metavar="N",
