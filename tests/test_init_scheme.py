@@ -52,3 +52,17 @@ def _check_spectral(rank, p):
 @pytest.mark.parametrize("p", [2, 4])
 def test_spectral_layer_matches_master_blocks(p):
     assert run_ranks(_check_spectral, p) == [True] * p
+
+
+@pytest.mark.fast
+def test_with_phantom_mlp_passes_init_to_every_phantom_mlp():
+    pytest.importorskip("megatron.core")
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from phantom_plugin.megatron import with_phantom_mlp
+    from phantom_plugin.megatron.mlp import PhantomMLP
+    spec = with_phantom_mlp(get_gpt_layer_local_spec(), ghost_dim=2, init="spectral")
+    assert spec.submodules.mlp.module is PhantomMLP and spec.submodules.mlp.params["init"] == "spectral"
+    plain = with_phantom_mlp(get_gpt_layer_local_spec(), ghost_dim=2)
+    assert "init" not in plain.submodules.mlp.params                  # the default: spec unchanged
+    with pytest.raises(ValueError, match=r"with_phantom_mlp: unknown init 'mup'; init must be one of"):
+        with_phantom_mlp(get_gpt_layer_local_spec(), ghost_dim=2, init="mup")
