@@ -19,6 +19,9 @@ tiles covering its own block (not ``p`` times more than it keeps), and a master'
 depend on ``p``. Draws use CPU generators and return CPU float32 tensors whatever
 ``torch.set_default_device`` says; layers copy them to their own device and dtype.
 
+``init="spectral"`` layers (:func:`init_scales`) multiply these bounds per block: each factor at
+its own maximal-update scale (``docs/choosing-k.md``).
+
 Models of several layers give each layer its own seed with :func:`derive_seed` (layer ``l`` of a
 ``PhantomFFN``, fc1/fc2 of a Megatron ``PhantomMLP``, each module converted with random init).
 """
@@ -31,8 +34,8 @@ from typing import Union
 
 import torch
 
-__all__ = ["INIT_SCHEMES", "init_scales", "derive_seed", "dense_master", "dense_bias", "local_block", "compressor_block", "decompressor_block",
-           "bias_block", "master_blocks"]
+__all__ = ["INIT_SCHEMES", "init_scales", "derive_seed", "dense_master", "dense_bias", "local_block",
+           "compressor_block", "decompressor_block", "bias_block", "master_blocks"]
 
 INIT_SCHEMES = ("balanced", "spectral")
 """Initialisation scales of the phantom blocks (:func:`init_scales`); ``"balanced"`` is the default."""

@@ -70,8 +70,7 @@ class PhantomLinear(nn.Module):
         error = _shape_error(in_features, out_features, ghost_dim, p, dtype) or _init_error(init)
         agreed = agree_across_group(group, p, who, {
             "in_features": in_features, "out_features": out_features, "ghost_dim": ghost_dim,
-            "bias": bool(bias), "dtype": _dtype_code(dtype), "init": _INIT_SCHEMES.index(init) if init in _INIT_SCHEMES else -1,
-            "seed_given": int(given),
+            "bias": bool(bias), "dtype": _dtype_code(dtype), "init": _init_code(init), "seed_given": int(given),
             "seed": seed if given else _draw_seed()}, error, adopt=() if given else ("seed",))
         seed = agreed["seed"]
         self.in_features, self.out_features, self.ghost_dim = in_features, out_features, ghost_dim
@@ -203,6 +202,11 @@ def _agreed_seed(group: Optional[dist.ProcessGroup], seed: Optional[int], who: s
 
 
 _INIT_SCHEMES = init.INIT_SCHEMES
+
+
+def _init_code(scheme: str) -> int:
+    """Index of ``scheme`` in :data:`phantom_plugin.init.INIT_SCHEMES` (-1 when unknown), compared across ranks."""
+    return _INIT_SCHEMES.index(scheme) if scheme in _INIT_SCHEMES else -1
 
 
 def _init_error(scheme: str) -> Optional[str]:
