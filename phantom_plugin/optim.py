@@ -20,13 +20,15 @@ A *parametrization* (:data:`PARAMETRIZATIONS`) sets each phantom layer's multipl
   ``n_in/p``) at ``p``, the decompressor (fan-in ``(p-1) k``, the ghosts of the other ranks) at
   ``n_in / ((p-1) k)``;
 * ``"mup-decompressor"``: ``"balanced"`` with only the decompressor at its maximal-update
-  multiplier ``n_in / ((p-1) k)`` (``L_i`` and ``C_i`` as a dense layer's blocks).
+  multiplier ``n_in / ((p-1) k)`` (``L_i`` and ``C_i`` as a dense layer's blocks);
+* ``"spectral"``: ``"balanced"`` with the decompressor at twice its multiplier, the rates that
+  measured best for layers built with ``init="spectral"``;
+* ``"auto"`` (the default): per layer, ``"spectral"`` for a layer built with ``init="spectral"``
+  and ``"balanced"`` otherwise (``init="balanced"``, or weights from ``from_dense``).
 
-``"balanced"`` is the default: measured against ``"mup"``, ``"mup-decompressor"`` and decompressor
-multipliers 2x-32x on the teacher and on a byte-level GPT, it was best or within 1% on both
-(``"mup"`` won on the teacher only together with ``init="spectral"``, and lost on text at every
-lr tried). The part of the maximal-update recipe that won everywhere is the *initialisation*:
-``PhantomLinear(..., init="spectral")`` (see ``docs/choosing-k.md``).
+Measured on a synthetic teacher and a byte-level GPT (``docs/choosing-k.md``): the spectral init
+with ``"spectral"`` rates won on both; ``"mup"``'s larger rates won on the teacher only and lost
+on text at every lr tried.
 
 Explicit ``multipliers`` replace the parametrization's value for the kinds they name, in every
 layer (and suit SGD, which is not scale-invariant).
@@ -42,9 +44,9 @@ __all__ = ["KINDS", "DEFAULT_MULTIPLIERS", "PARAMETRIZATIONS", "DEFAULT_PARAMETR
 
 KINDS = ("local", "compressor", "decompressor", "bias", "other")
 DEFAULT_MULTIPLIERS: Mapping[str, float] = {kind: 1.0 for kind in KINDS}
-PARAMETRIZATIONS = ("balanced", "mup", "mup-decompressor")
+PARAMETRIZATIONS = ("auto", "balanced", "spectral", "mup", "mup-decompressor")
 """Names :func:`param_groups` accepts as ``parametrization`` (see the module docstring)."""
-DEFAULT_PARAMETRIZATION = "balanced"
+DEFAULT_PARAMETRIZATION = "auto"
 """What :func:`param_groups`, ``phantom-bench`` and the DeepSpeed adapter's ``"auto"`` use."""
 
 
@@ -69,12 +71,17 @@ def layer_multipliers(parametrization: str, in_features: int, ghost_dim: int, gr
     """
     check_parametrization(parametrization, "layer_multipliers")
     p, k, local_in = group_size, ghost_dim, in_features / group_size
+    if parametrization == "auto":
+        raise ValueError("layer_multipliers: parametrization 'auto' depends on each layer's init; pass "
+                         "'spectral' (init=\"spectral\") or 'balanced' (init=\"balanced\", from_dense)")
     if p == 1:
         return {"local": 1.0, "compressor": 1.0, "decompressor": 1.0}
     balanced = factor_lr_mult(k, local_in)
     mup_d = in_features / ((p - 1) * k)                  # dense fan-in n_in over D's fan-in (p-1)k
     if parametrization == "balanced":
         return {"local": 1.0, "compressor": balanced, "decompressor": balanced}
+    if parametrization == "spectral":
+        return {"local": 1.0, "compressor": balanced, "decompressor": 2.0 * balanced}
     if parametrization == "mup":
         return {"local": float(p), "compressor": float(p), "decompressor": mup_d}
     return {"local": 1.0, "compressor": balanced, "decompressor": mup_d}
@@ -87,7 +94,10 @@ def param_kinds(model: nn.Module, parametrization: str = DEFAULT_PARAMETRIZATION
     kinds: dict[int, tuple[str, float]] = {}
     for module in model.modules():
         if isinstance(module, PhantomLinear):
-            mults = layer_multipliers(parametrization, module.in_features, module.ghost_dim, module.group_size)
+            name = parametrization
+            if name == "auto":
+                name = "spectral" if getattr(module, "init_scheme", "balanced") == "spectral" else "balanced"
+            mults = layer_multipliers(name, module.in_features, module.ghost_dim, module.group_size)
             for name, kind in (("local_weight", "local"), ("compressor", "compressor"),
                                ("decompressor", "decompressor")):
                 param = getattr(module, name)

@@ -39,8 +39,8 @@ def _check_groups(rank, p):
     trainable = {id(t) for t in model.parameters() if t.requires_grad}
     assert len(ids) == len(set(ids)) and set(ids) == trainable       # each once, frozen left out
     kinds = {id(t): g["kind"] for g in groups for t in g["params"]}
-    assert DEFAULT_PARAMETRIZATION == "balanced"                      # the study's winner
-    default = layer_multipliers(DEFAULT_PARAMETRIZATION, WIDTH, K, p)
+    assert DEFAULT_PARAMETRIZATION == "auto"                          # balanced-init layers: "balanced"
+    default = layer_multipliers("balanced", WIDTH, K, p)
     factor = factor_lr_mult(K, WIDTH // p)
     for layer in model.ffn.layers:
         assert kinds[id(layer.local_weight)] == "local"
@@ -83,8 +83,10 @@ def test_groups_kinds_multipliers_and_adam_step(p):
 
 # exact lr multipliers of the factors of a PhantomFFN(16, k=2): n_in/p = 16/p, D's fan-in (p-1)k
 _EXACT = {
-    2: {"balanced": (1.0, 0.8, 0.8), "mup": (2.0, 2.0, 8.0), "mup-decompressor": (1.0, 0.8, 8.0)},
-    4: {"balanced": (1.0, 2 / 3, 2 / 3), "mup": (4.0, 4.0, 8 / 3), "mup-decompressor": (1.0, 2 / 3, 8 / 3)},
+    2: {"balanced": (1.0, 0.8, 0.8), "spectral": (1.0, 0.8, 1.6), "mup": (2.0, 2.0, 8.0),
+        "mup-decompressor": (1.0, 0.8, 8.0)},
+    4: {"balanced": (1.0, 2 / 3, 2 / 3), "spectral": (1.0, 2 / 3, 4 / 3), "mup": (4.0, 4.0, 8 / 3),
+        "mup-decompressor": (1.0, 2 / 3, 8 / 3)},
 }
 
 
@@ -99,12 +101,12 @@ def _check_parametrizations(rank, p):
                                      "decompressor": 1e-3 * decomp, "bias": 1e-3, "other": 1e-3}), name
         over = param_groups(model, 1e-3, parametrization=name, multipliers={"decompressor": 5.0})
         assert {g["kind"]: g["lr_mult"] for g in over}["decompressor"] == 5.0
-    # the default is "balanced", whatever the layers' init
+    # the default "auto": "balanced" for balanced-init layers, "spectral" for init="spectral" ones
     spectral = _Mixed(dist.group.WORLD, init="spectral")
-    for m in (model, spectral):
+    for m, name in ((model, "balanced"), (spectral, "spectral")):
         got = {g["kind"]: g["lr_mult"] for g in param_groups(m, 1e-3)}
-        assert got == pytest.approx({"local": 1.0, "compressor": _EXACT[p]["balanced"][1],
-                                     "decompressor": _EXACT[p]["balanced"][2], "bias": 1.0, "other": 1.0})
+        assert got == pytest.approx(dict(zip(("local", "compressor", "decompressor"), _EXACT[p][name]),
+                                         bias=1.0, other=1.0)), name
     return True
 
 
@@ -115,20 +117,23 @@ def test_parametrizations_exact_group_lrs(p):
 
 @pytest.mark.fast
 def test_layer_multipliers_formulas():
-    assert set(PARAMETRIZATIONS) == {"balanced", "mup", "mup-decompressor"}
+    assert set(PARAMETRIZATIONS) == {"auto", "balanced", "spectral", "mup", "mup-decompressor"}
     assert DEFAULT_PARAMETRIZATION in PARAMETRIZATIONS
     assert layer_multipliers("mup", 1024, 16, 2) == {"local": 2.0, "compressor": 2.0, "decompressor": 64.0}
     assert layer_multipliers("mup-decompressor", 512, 32, 4) == pytest.approx(
         {"local": 1.0, "compressor": 1 / (1 + 32 / 128), "decompressor": 512 / 96})
-    for name in PARAMETRIZATIONS:                                      # p = 1: a dense layer
+    assert layer_multipliers("spectral", 512, 32, 4)["decompressor"] == pytest.approx(2 / (1 + 32 / 128))
+    for name in set(PARAMETRIZATIONS) - {"auto"}:                      # p = 1: a dense layer
         assert layer_multipliers(name, 64, 8, 1) == {"local": 1.0, "compressor": 1.0, "decompressor": 1.0}
 
 
 @pytest.mark.fast
 def test_unknown_parametrization_names_the_argument_and_the_choices():
     with pytest.raises(ValueError, match=r"unknown parametrization 'mu-p'; parametrization must be one of "
-                                         r"\['balanced', 'mup', 'mup-decompressor'\]"):
+                                         r"\['auto', 'balanced', 'spectral', 'mup', 'mup-decompressor'\]"):
         param_groups(nn.Linear(2, 2), 1e-3, parametrization="mu-p")
+    with pytest.raises(ValueError, match="depends on each layer's init"):
+        layer_multipliers("auto", 16, 2, 2)
 
 
 @pytest.mark.fast
