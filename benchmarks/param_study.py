@@ -16,7 +16,16 @@ what ``PhantomLinear.from_dense`` / ``convert_modules(init="dense")`` compute: `
 rank-``k`` truncated SVD of each block column's off-diagonal blocks), and training carries on as
 phantom from step ``S0`` on the same batches with a **fresh** Adam state (the dense moments are
 not carried over). Its losses are the dense model's for steps ``< S0``, then phantom's. The
-variant ``defaults`` uses ``param_groups``' default multipliers (``factor_lr_mult`` for C and D).
+variant ``defaults`` uses ``param_groups``' ``"balanced"`` multipliers (``factor_lr_mult`` for C and D).
+
+Parametrisations (``docs/choosing-k.md``): a variant may start with a name of
+``phantom_plugin.optim.PARAMETRIZATIONS`` (its lr multipliers, ``optim.layer_multipliers``), take
+``init=spectral`` (``init.init_scales``), ``mult_X``/``scale_X`` overrides on top, and
+``guide=a0``: a dense guide (Wei et al. 2024), ``a W_g + (1 - a) W_phantom`` per layer with a
+trainable dense ``W_g`` and ``a`` decaying linearly from ``a0`` to 0 over the first half.
+
+    python benchmarks/param_study.py --width 512 --ghosts 8 --steps 300 --dense --variant balanced \
+        --variant mup,init=spectral --variant balanced,mult_D=4 --variant balanced,guide=1 --out /tmp/p.json
 
     python benchmarks/param_study.py --width 1024 --ranks 2 --ghosts 16 --steps 200 \
         --variant base --variant "mult_C=4,mult_D=4" --out /tmp/study.json
@@ -26,6 +35,7 @@ variant ``defaults`` uses ``param_groups``' default multipliers (``factor_lr_mul
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import json
 import math
@@ -36,17 +46,27 @@ from torch import nn
 
 from phantom_plugin import blocks as phantom_blocks
 from phantom_plugin import init
-from phantom_plugin.optim import factor_lr_mult
+from phantom_plugin.optim import PARAMETRIZATIONS, factor_lr_mult, layer_multipliers
 from phantom_plugin.bench.workload import teacher_batch
 
 
 class SimPhantomFFN(nn.Module):
     def __init__(self, width, depth, k, p, seed, *, scale_C=1.0, scale_D=1.0, scale_L=1.0, init_kind=None,
-                 layer_blocks=None, dtype=torch.float32):
+                 layer_blocks=None, dtype=torch.float32, guide=0.0):
         """``layer_blocks[l]``: every rank's blocks of layer ``l`` (``init.master_blocks`` layout);
-        default: the seeded initialisation of ``phantom_plugin.init``."""
+        default: the seeded initialisation of ``phantom_plugin.init``.
+
+        ``guide = a0 > 0``: a dense guide (Wei et al. 2024): each layer's weight is
+        ``a W_g + (1 - a) W_phantom`` with a trainable dense ``W_g [n, n]`` (from
+        ``init.dense_master``, the dense model's init) and ``a`` set by :meth:`set_guide`
+        (the study decays it linearly from ``a0`` to 0 over the first half of training)."""
         super().__init__()
         self.p, self.k, self.width, self.depth = p, k, width, depth
+        self.guide0, self.alpha = guide, guide
+        self.G = nn.ParameterList()
+        if guide:
+            self.G.extend(nn.Parameter(init.dense_master(init.derive_seed(seed, l), width, width).to(dtype))
+                          for l in range(depth))
         self.L, self.C, self.D, self.b = (nn.ParameterList() for _ in range(4))
         for l in range(depth):
             blocks = (layer_blocks[l] if layer_blocks is not None
@@ -68,16 +88,25 @@ class SimPhantomFFN(nn.Module):
             rows.append(torch.cat(row, dim=1))
         return torch.cat(rows, dim=0), torch.cat([self.b[l * p + i] for i in range(p)])
 
+    def set_guide(self, step, steps):
+        """``a(step)``: ``a0`` decaying linearly to 0 at ``steps / 2``, then 0."""
+        self.alpha = self.guide0 * max(0.0, 1.0 - step / (steps / 2)) if self.guide0 else 0.0
+
     def forward(self, x):
         for l in range(self.depth):
             w, b = self.dense(l)
+            if self.alpha > 0:
+                w = self.alpha * self.G[l] + (1 - self.alpha) * w
             x = nn.functional.linear(x, w, b)
             if l < self.depth - 1:
                 x = nn.functional.gelu(x)
         return x
 
     def groups(self):
-        return {"L": list(self.L), "C": list(self.C), "D": list(self.D), "b": list(self.b)}
+        out = {"L": list(self.L), "C": list(self.C), "D": list(self.D), "b": list(self.b)}
+        if len(self.G):
+            out["G"] = list(self.G)
+        return out
 
 
 class DenseFFN(nn.Module):
@@ -131,6 +160,8 @@ def run(model, args, mult, label, measure=True, start=0, snapshots=(), snapshot_
     dtype = next(model.parameters()).dtype
     t0 = time.time()
     for step in range(start, args.steps):
+        if hasattr(model, "set_guide"):
+            model.set_guide(step, args.steps)
         x, y = teacher_batch(step, args.batch, args.width, args.seed, dtype=dtype)
         if warmup:
             for g, lr in zip(opt.param_groups, base_lr):
@@ -159,16 +190,40 @@ def run(model, args, mult, label, measure=True, start=0, snapshots=(), snapshot_
 
 
 def parse_variant(s):
-    kv = dict(item.split("=") for item in s.split(",") if "=" in item)
-    return s, {k: float(v) for k, v in kv.items()}
+    """``"[parametrization,][init=spectral,][guide=a0,]mult_X=..,scale_X=.."``: label, numbers, words."""
+    items = [item for item in s.split(",") if item]
+    kv = dict(item.split("=") for item in items if "=" in item)
+    words = {k: v for k, v in kv.items() if k == "init"}
+    words["parametrization"] = next((item for item in items if "=" not in item), None)
+    return s, {k: float(v) for k, v in kv.items() if k != "init"}, words
 
 
-def variant_mults(kv, label, k, width, p):
-    """Per-kind lr multipliers of a variant; ``defaults`` is ``param_groups``' rule."""
-    mult = {key[5:]: x for key, x in kv.items() if key.startswith("mult_")}
-    if label == "defaults":
+_KIND = {"local": "L", "compressor": "C", "decompressor": "D"}
+
+
+def variant_mults(kv, words, k, width, p):
+    """Per-kind lr multipliers of a variant: its parametrization's (``optim.layer_multipliers``;
+    ``defaults`` is ``balanced``), then any ``mult_X`` on top, which replaces it."""
+    mult = {}
+    name = words.get("parametrization")
+    if name == "defaults":
         mult = {"C": factor_lr_mult(k, width // p), "D": factor_lr_mult(k, width // p)}
+    elif name in PARAMETRIZATIONS:
+        mult = {_KIND[kind]: x for kind, x in layer_multipliers(name, width, k, p).items()}
+    elif name not in (None, "base"):
+        raise SystemExit(f"variant: unknown parametrization {name!r}; one of {list(PARAMETRIZATIONS)}")
+    mult.update({key[5:]: x for key, x in kv.items() if key.startswith("mult_")})
     return mult
+
+
+def variant_scales(kv, words, k, width, p):
+    """Init scales of a variant: ``init=spectral`` (``init.init_scales``), then ``scale_X`` on top."""
+    scales = {}
+    if "init" in words:
+        got = init.init_scales(words["init"], width, width, k, p)
+        scales = {"scale_L": got["local_weight"], "scale_C": got["compressor"], "scale_D": got["decompressor"]}
+    scales.update({key: x for key, x in kv.items() if key.startswith("scale_")})
+    return scales
 
 
 def main():
@@ -184,8 +239,9 @@ def main():
     ap.add_argument("--every", type=int, default=10)
     ap.add_argument("--dense", action="store_true", help="also train the dense (TP-equivalent) model")
     ap.add_argument("--variant", action="append", default=[],
-                    help="comma list: mult_L, mult_C, mult_D, mult_b, scale_C, scale_D, scale_L; "
-                         "'defaults': param_groups' multipliers")
+                    help="comma list: a parametrization (balanced, mup, mup-decompressor; 'defaults' = "
+                         "balanced), init=spectral, guide=a0 (dense guide), mult_L, mult_C, mult_D, mult_b, "
+                         "mult_G, scale_C, scale_D, scale_L")
     ap.add_argument("--warm", type=int, action="append", default=[],
                     help="also run each variant warm-started from the dense model after this many steps")
     ap.add_argument("--no-cold", action="store_true", help="only the warm-started runs of each variant")
@@ -196,8 +252,9 @@ def main():
     if any(not 0 < s < args.steps for s in args.warm):
         ap.error(f"--warm must be between 1 and --steps - 1 = {args.steps - 1}")
     for v in args.variant if args.warm else ():
-        if "scale_" in v:
+        if "scale_" in v or "init=" in v or "guide=" in v:
             ap.error(f"variant {v!r}: init scales do not apply to a warm start (its init is the SVD)")
+    torch.set_num_threads(int(os.environ.get("STUDY_THREADS", "1")))
     torch.manual_seed(0)
     results, snaps, dense_losses = [], {}, []
     if args.dense or args.warm:
@@ -209,11 +266,12 @@ def main():
             results.append(r)
         print(f"dense: final {sum(r['losses'][-10:]) / 10:.4f} ({r['seconds']:.0f}s)", flush=True)
     for v in args.variant:
-        label, kv = parse_variant(v)
-        mult = variant_mults(kv, label, args.ghosts, args.width, args.ranks)
-        scales = {k: x for k, x in kv.items() if k.startswith("scale_")}
+        label, kv, words = parse_variant(v)
+        mult = variant_mults(kv, words, args.ghosts, args.width, args.ranks)
+        scales = variant_scales(kv, words, args.ghosts, args.width, args.ranks)
         runs = [] if args.no_cold else [(0, label, SimPhantomFFN(args.width, args.depth, args.ghosts,
-                                                                  args.ranks, args.seed, **scales))]
+                                                                  args.ranks, args.seed, guide=kv.get("guide", 0.0),
+                                                                  **scales))]
         wu = f" wu{args.warmup}" if args.warmup else ""
         runs += [(s0, f"{label} warm{s0}{wu}", to_phantom(snaps[s0], args.ghosts, args.ranks)) for s0 in args.warm]
         for s0, name, model in runs:

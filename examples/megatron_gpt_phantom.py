@@ -49,7 +49,8 @@ def build(args, phantom: bool, device):
     """The GPT of ``phantom-bench --task lm`` (``phantom_plugin.bench.lm_model.build_gpt``): TP MLPs
     with the phantom MLPs' initialisation convention, or phantom MLPs by the spec swap."""
     return build_gpt(hidden=args.hidden, ffn_hidden=args.ffn, layers=args.layers, heads=args.heads, seq=args.seq,
-                     tp=args.tp, seed=args.seed, device=device, ghost_dim=args.ghost_dim if phantom else None)
+                     tp=args.tp, seed=args.seed, device=device, ghost_dim=args.ghost_dim if phantom else None,
+                     init=args.init)
 
 
 def run(args, phantom: bool, train, evals, device) -> dict:
@@ -127,6 +128,9 @@ def main() -> None:
     ap.add_argument("--ghost-dim", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--init", choices=("spectral", "balanced"), default="spectral",
+                    help="phantom MLPs' initialisation scheme (PhantomLinear's init; spectral won "
+                         "docs/choosing-k.md's parametrisation study)")
     ap.add_argument("--factor-lr-mult", type=float, default=None,
                     help="lr multiplier of compressors and decompressors (default: param_groups' k-aware rule)")
     ap.add_argument("--generate", type=int, default=0, metavar="N",

@@ -19,6 +19,9 @@ tiles covering its own block (not ``p`` times more than it keeps), and a master'
 depend on ``p``. Draws use CPU generators and return CPU float32 tensors whatever
 ``torch.set_default_device`` says; layers copy them to their own device and dtype.
 
+``init="spectral"`` layers (:func:`init_scales`) multiply these bounds per block: each factor at
+its own maximal-update scale (``docs/choosing-k.md``).
+
 Models of several layers give each layer its own seed with :func:`derive_seed` (layer ``l`` of a
 ``PhantomFFN``, fc1/fc2 of a Megatron ``PhantomMLP``, each module converted with random init).
 """
@@ -31,8 +34,11 @@ from typing import Union
 
 import torch
 
-__all__ = ["derive_seed", "dense_master", "dense_bias", "local_block", "compressor_block", "decompressor_block",
-           "bias_block", "master_blocks"]
+__all__ = ["INIT_SCHEMES", "init_scales", "derive_seed", "dense_master", "dense_bias", "local_block",
+           "compressor_block", "decompressor_block", "bias_block", "master_blocks"]
+
+INIT_SCHEMES = ("balanced", "spectral")
+"""Initialisation scales of the phantom blocks (:func:`init_scales`); ``"balanced"`` is the default."""
 
 _CHUNK = 128
 _CPU = torch.device("cpu")
@@ -65,6 +71,26 @@ def derive_seed(seed: int, *keys: Union[int, str]) -> int:
                                 f"{type(part).__name__} {part!r}") from None
         h.update(tag + len(text).to_bytes(8, "little") + text)
     return int.from_bytes(h.digest(), "little") % _SEED_LIMIT
+
+
+def init_scales(scheme: str, n_in: int, n_out: int, k: int, p: int) -> dict[str, float]:
+    """Factors on the ``"balanced"`` bounds above of ``local_weight``, ``compressor``, ``decompressor``.
+
+    ``"balanced"``: 1 each. ``"spectral"``: each factor at the spectral (maximal-update) bound
+    ``b = min(1, sqrt(fan_out/fan_in)) / sqrt(fan_in)`` of its own shape: ``L_i`` (``n_in/p`` to
+    ``n_out/p``), ``C_i`` (``n_in/p`` to ``k``), the decompressor (``(p-1)k`` to ``n_out/p``).
+    """
+    if scheme not in INIT_SCHEMES:
+        raise ValueError(f"init_scales: unknown scheme {scheme!r}; init must be one of {list(INIT_SCHEMES)}")
+    if scheme == "balanced" or p == 1:
+        return {"local_weight": 1.0, "compressor": 1.0, "decompressor": 1.0}
+
+    def spectral(fan_in: float, fan_out: float) -> float:
+        return min(1.0, math.sqrt(fan_out / fan_in)) / math.sqrt(fan_in)
+
+    return {"local_weight": spectral(n_in / p, n_out / p) * math.sqrt(n_in),
+            "compressor": spectral(n_in / p, k) * math.sqrt(n_in / p),
+            "decompressor": spectral((p - 1) * k, n_out / p) / math.sqrt(3 / (p * k))}
 
 
 def _gen(seed: int, salt: int) -> torch.Generator:
@@ -143,14 +169,17 @@ def bias_block(seed: int, n_in: int, n_out: int, p: int, rank: int) -> torch.Ten
     return _uniform(_gen(seed, 3), (n_out,), 1 / math.sqrt(n_in))[r0:r1].clone()
 
 
-def master_blocks(seed: int, n_in: int, n_out: int, k: int, p: int) -> list[dict[str, torch.Tensor]]:
-    """Every rank's initial parameters, for single-process references. ``k`` is ignored at ``p = 1``."""
+def master_blocks(seed: int, n_in: int, n_out: int, k: int, p: int,
+                  scheme: str = "balanced") -> list[dict[str, torch.Tensor]]:
+    """Every rank's initial parameters, for single-process references. ``k`` is ignored at ``p = 1``;
+    ``scheme``: a ``PhantomLinear``'s ``init`` (:func:`init_scales`)."""
+    scale = init_scales(scheme, n_in, n_out, k, p)
     out = []
     for r in range(p):
-        blocks = {"local_weight": local_block(seed, n_in, n_out, p, r),
+        blocks = {"local_weight": local_block(seed, n_in, n_out, p, r) * scale["local_weight"],
                   "bias": bias_block(seed, n_in, n_out, p, r)}
         if p > 1:
-            blocks["compressor"] = compressor_block(seed, n_in, k, p, r)
-            blocks["decompressor"] = decompressor_block(seed, n_out, k, p, r)
+            blocks["compressor"] = compressor_block(seed, n_in, k, p, r) * scale["compressor"]
+            blocks["decompressor"] = decompressor_block(seed, n_out, k, p, r) * scale["decompressor"]
         out.append(blocks)
     return out

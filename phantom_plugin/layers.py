@@ -46,6 +46,10 @@ class PhantomLinear(nn.Module):
             default generator on every rank and the whole group takes the draw of its first rank
             (so ranks seeded ``s + rank`` still build one layer, the same on every run seeded
             alike). Ranks that pass *different explicit* seeds are an error.
+        init: initialisation scheme of the blocks, one of :data:`phantom_plugin.init.INIT_SCHEMES`:
+            ``"balanced"`` (default; ``L_i`` are the dense master's diagonal blocks) or
+            ``"spectral"`` (each factor at its own maximal-update scale,
+            :func:`phantom_plugin.init.init_scales`); every rank must pass the same.
         device: where the parameters live. ``"meta"`` (or a ``torch.device("meta")`` context)
             builds them without data; after ``to_empty(device=...)``, :meth:`reset_parameters`
             draws the same values a direct construction would.
@@ -56,20 +60,22 @@ class PhantomLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, ghost_dim: int,
                  group: Optional[dist.ProcessGroup] = None, bias: bool = True,
-                 device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None):
+                 device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
+                 init: str = "balanced"):
         super().__init__()
         who = "PhantomLinear"
         p, rank = resolve_group(group, who)
         dtype = dtype or torch.get_default_dtype()
         given = seed is not None
-        error = _shape_error(in_features, out_features, ghost_dim, p, dtype)
+        error = _shape_error(in_features, out_features, ghost_dim, p, dtype) or _init_error(init)
         agreed = agree_across_group(group, p, who, {
             "in_features": in_features, "out_features": out_features, "ghost_dim": ghost_dim,
-            "bias": bool(bias), "dtype": _dtype_code(dtype), "seed_given": int(given),
+            "bias": bool(bias), "dtype": _dtype_code(dtype), "init": _init_code(init), "seed_given": int(given),
             "seed": seed if given else _draw_seed()}, error, adopt=() if given else ("seed",))
         seed = agreed["seed"]
         self.in_features, self.out_features, self.ghost_dim = in_features, out_features, ghost_dim
         self.group, self.group_size, self.rank, self.seed = group, p, rank, seed
+        self.init_scheme = init
         self.approx_error: Optional[float] = None
         mi, mo, kw = in_features // p, out_features // p, {"device": device, "dtype": dtype}
         self.local_weight = mark_tensor_parallel(nn.Parameter(torch.empty(mo, mi, **kw)))
@@ -101,11 +107,12 @@ class PhantomLinear(nn.Module):
         self._tag()
         if self.local_weight.is_meta:
             return
+        scale = init.init_scales(self.init_scheme, n_in, n_out, k, p)
         with torch.no_grad():
-            self.local_weight.copy_(init.local_block(s, n_in, n_out, p, r))
+            self.local_weight.copy_(init.local_block(s, n_in, n_out, p, r) * scale["local_weight"])
             if p > 1:
-                self.compressor.copy_(init.compressor_block(s, n_in, k, p, r))
-                self.decompressor.copy_(init.decompressor_block(s, n_out, k, p, r))
+                self.compressor.copy_(init.compressor_block(s, n_in, k, p, r) * scale["compressor"])
+                self.decompressor.copy_(init.decompressor_block(s, n_out, k, p, r) * scale["decompressor"])
             if self.bias is not None:
                 self.bias.copy_(init.bias_block(s, n_in, n_out, p, r))
 
@@ -119,7 +126,8 @@ class PhantomLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"ghost_dim={self.ghost_dim}, p={self.group_size}, bias={self.bias is not None}")
+                f"ghost_dim={self.ghost_dim}, p={self.group_size}, bias={self.bias is not None}"
+                + ("" if self.init_scheme == "balanced" else f", init={self.init_scheme!r}"))
 
     # --- dense equivalence --------------------------------------------------------------------
 
@@ -193,6 +201,20 @@ def _agreed_seed(group: Optional[dist.ProcessGroup], seed: Optional[int], who: s
     return agree_across_group(group, p, who, fields, None, adopt=() if given else ("seed",))["seed"]
 
 
+_INIT_SCHEMES = init.INIT_SCHEMES
+
+
+def _init_code(scheme: str) -> int:
+    """Index of ``scheme`` in :data:`phantom_plugin.init.INIT_SCHEMES` (-1 when unknown), compared across ranks."""
+    return _INIT_SCHEMES.index(scheme) if scheme in _INIT_SCHEMES else -1
+
+
+def _init_error(scheme: str) -> Optional[str]:
+    if scheme not in _INIT_SCHEMES:
+        return f"unknown init {scheme!r}; init must be one of {list(_INIT_SCHEMES)}"
+    return None
+
+
 def _shape_error(n_in: int, n_out: int, k: int, p: int, dtype: torch.dtype) -> Optional[str]:
     if n_in < 1 or n_out < 1:
         return f"in_features={n_in} and out_features={n_out} must be positive"
@@ -215,6 +237,8 @@ def _dtype_code(dtype: torch.dtype) -> int:
     return -1 if entry is None else entry.code
 
 
+_derive_seed = init.derive_seed
+
 _ACT: dict[str, Callable] = {"relu": torch.relu, "gelu": nn.functional.gelu,
                              "silu": nn.functional.silu, "tanh": torch.tanh,
                              "identity": lambda x: x}
@@ -230,14 +254,16 @@ class PhantomFFN(nn.Module):
     ``init.derive_seed(seed, l)``; ``seed=None`` draws one from torch's default generator and the
     whole group takes its first rank's draw (as :class:`PhantomLinear`), kept as :attr:`seed`.
     Construction runs one small all-gather that checks every rank passed a seed alike (and
-    carries the draw), then :class:`PhantomLinear`'s per layer.
+    carries the draw), then :class:`PhantomLinear`'s per layer. ``init`` is every layer's
+    initialisation scheme (see :class:`PhantomLinear`).
     """
 
     def __init__(self, width: int, depth: int, *, ghost_dim: int,
                  group: Optional[dist.ProcessGroup] = None,
                  activation: Union[str, Callable] = "gelu", bias: bool = True,
                  scatter_input: bool = True, gather_output: bool = True,
-                 device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None):
+                 device=None, dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
+                 init: str = "balanced"):
         super().__init__()
         if depth < 1:
             raise ValueError(f"PhantomFFN: depth must be >= 1, got {depth}")
@@ -248,8 +274,8 @@ class PhantomFFN(nn.Module):
         self.scatter_input, self.gather_output = scatter_input, gather_output
         self.act = _ACT[activation] if isinstance(activation, str) else activation
         self.seed = _agreed_seed(group, seed, "PhantomFFN")
-        kw = dict(ghost_dim=ghost_dim, group=group, bias=bias, device=device, dtype=dtype)
-        self.layers = nn.ModuleList([PhantomLinear(width, width, seed=init.derive_seed(self.seed, l), **kw)
+        kw = dict(ghost_dim=ghost_dim, group=group, bias=bias, device=device, dtype=dtype, init=init)
+        self.layers = nn.ModuleList([PhantomLinear(width, width, seed=_derive_seed(self.seed, l), **kw)
                                      for l in range(depth)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ class LMSpec:
     energy_preset: str
     multipliers: Optional[tuple] = None        # ((kind, value), ...)
     parametrization: Optional[str] = None
+    init: str = "spectral"                    # phantom's initialisation (phantom_plugin.init.INIT_SCHEMES)
     target_loss: Optional[float] = None        # stop after the first evaluation at or below it
 
 
@@ -107,7 +108,7 @@ def lm_rank(rank: int, world_size: int, spec: LMSpec, corpus: bytes, progress: b
         evals_data = heldout_batches(held, spec.eval_batches, spec.batch, spec.seq)
         model = build_gpt(hidden=spec.width, ffn_hidden=spec.ffn_hidden, layers=spec.depth, heads=spec.heads,
                           seq=spec.seq, tp=world_size, seed=spec.seed, device=device,
-                          ghost_dim=spec.ghost_dim if spec.mode == "phantom" else None)
+                          ghost_dim=spec.ghost_dim if spec.mode == "phantom" else None, init=spec.init)
         opt = _optimizer(model, spec)
         pos = torch.arange(spec.seq, device=device).expand(spec.batch, spec.seq)
         losses, times, cpu, sent, evals = [], [], [], [], []

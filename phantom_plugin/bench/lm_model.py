@@ -25,9 +25,11 @@ VOCAB = 256   # byte-level tokens
 
 
 def build_gpt(*, hidden: int, ffn_hidden: int, layers: int, heads: int, seq: int, tp: int, seed: int,
-              device: torch.device, ghost_dim: Optional[int] = None) -> torch.nn.Module:
+              device: torch.device, ghost_dim: Optional[int] = None, init: str = "spectral") -> torch.nn.Module:
     """A ``GPTModel`` on ``device``: TP MLPs when ``ghost_dim`` is ``None``, else phantom MLPs with
-    ``k = ghost_dim``. ``ffn_hidden`` is the MLP's inner width (each model may get its own)."""
+    ``k = ghost_dim`` built with the phantom initialisation ``init`` (``phantom_plugin.init.INIT_SCHEMES``;
+    ``"spectral"``, the default, won the parametrisation study in ``docs/choosing-k.md``).
+    ``ffn_hidden`` is the MLP's inner width (each model may get its own)."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -50,7 +52,7 @@ def build_gpt(*, hidden: int, ffn_hidden: int, layers: int, heads: int, seq: int
     else:
         spec, positions = cpu_attention_spec(specs.get_gpt_layer_local_spec()), "learned_absolute"
     if ghost_dim is not None:
-        spec = with_phantom_mlp(spec, ghost_dim=ghost_dim, seed=seed)
+        spec = with_phantom_mlp(spec, ghost_dim=ghost_dim, seed=seed, init=init)
     model = GPTModel(config, transformer_layer_spec=spec, vocab_size=VOCAB, max_sequence_length=seq,
                      position_embedding_type=positions, share_embeddings_and_output_weights=False)
     if ghost_dim is None:

@@ -83,7 +83,8 @@ def default_heads(width: int, ranks: int) -> int:
 def lm_plan(*, width: int, depth: int, ranks: int, ghosts: int, batch: int, seq: int, steps: int,
             heads: Optional[int], eval_every: int, eval_batches: int, heldout: float, lr: float, seed: int,
             match: str, corpus: Optional[str], corpus_limit: int, energy_preset: str,
-            lr_mult: Optional[str] = None, parametrization: Optional[str] = None) -> LMPlan:
+            lr_mult: Optional[str] = None, parametrization: Optional[str] = None,
+            init: str = "spectral") -> LMPlan:
     """Check the inputs (``ValueError`` naming the flag and the fix) and build both specs."""
     for name, value in (("--width", width), ("--depth", depth), ("--ranks", ranks), ("--batch", batch),
                         ("--seq", seq), ("--steps", steps), ("--eval-every", eval_every),
@@ -117,6 +118,9 @@ def lm_plan(*, width: int, depth: int, ranks: int, ghosts: int, batch: int, seq:
     error = ghost_dim_error(ghosts, min(width, ffn_ph), ranks, name="--ghosts", bound="--width/--ranks")
     if error:
         raise ValueError(error)
+    from ..init import INIT_SCHEMES
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"--init must be one of {list(INIT_SCHEMES)}, got {init!r}")
     multipliers = parse_lr_mult(lr_mult)
     _check_optimizer_options(multipliers, parametrization)
     data, description = read_corpus(corpus, corpus_limit)
@@ -125,7 +129,8 @@ def lm_plan(*, width: int, depth: int, ranks: int, ghosts: int, batch: int, seq:
         raise ValueError(error)
     common = dict(width=width, depth=depth, heads=heads, ghost_dim=ghosts, batch=batch, seq=seq, steps=steps,
                   eval_every=eval_every, eval_batches=eval_batches, heldout=heldout, lr=lr, seed=seed,
-                  energy_preset=energy_preset, multipliers=multipliers, parametrization=parametrization)
+                  energy_preset=energy_preset, multipliers=multipliers, parametrization=parametrization,
+                  init=init)
     tp_macs = counts.tp_mlp_cost(width, ffn_tp, p=ranks, tokens=1).macs
     ph_macs = counts.phantom_mlp_cost(width, ffn_ph, p=ranks, k=ghosts, tokens=1).macs
     info = {"kind": match, "tp_ffn_hidden": ffn_tp, "phantom_ffn_hidden": ffn_ph, "ghost_dim": ghosts,

@@ -206,6 +206,8 @@ def lm_table(tp: dict, ph: dict, summary: dict) -> str:
             f"phantom MLPs\n\nCorpus: {tp['corpus']}; last {tp['heldout']:.0%} held out "
             f"({tp['eval_batches']} x {tp['batch']} windows of {tp['seq']} bytes, the same for both). "
             f"width {tp['width']}, depth {tp['depth']}, heads {tp['heads']}, ranks {tp['world_size']}, k={k}, "
+            f"phantom init {ph.get('init', 'balanced')}, lr rule {ph.get('parametrization') or 'param_groups default'}"
+            + (f" with multipliers {dict(ph['multipliers'])}" if ph.get("multipliers") else "") + ", "
             f"batch {tp['batch']} x seq {tp['seq']}, {tp['steps']} steps"
             + (f" (phantom: up to {ph['steps']}, stopping at TP's final held-out loss)" if ph["steps"] > tp["steps"] else "")
             + f", lr {tp['lr']}, seed {tp['seed']}. "

@@ -5,7 +5,8 @@ The task: Gaussian inputs ``x ~ N(0, I) [batch, width]`` and targets from a fixe
 ``y = tanh(x A^T) B^T`` (``A [width/4, width]``, ``B [width, width/4]``, entries ``N(0, 1/fan_in)``,
 seeded), fitted with MSE and Adam. Every rank of the group sees the same batch (the group splits
 the model, not the data). Both modes start from the same seed: TP's diagonal blocks are the
-phantom model's local blocks (:mod:`phantom_plugin.init`).
+phantom model's local blocks up to the factor ``sqrt(p)`` of phantom's ``init="spectral"``, the
+study's winner (:mod:`phantom_plugin.init`, ``docs/choosing-k.md``).
 """
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def sync(device: torch.device) -> None:
 def build_model(spec: RunSpec, group, device, dtype) -> torch.nn.Module:
     if spec.mode == "phantom":
         return PhantomFFN(spec.width, spec.depth, ghost_dim=spec.ghost_dim, group=group,
-                          activation=spec.activation, seed=spec.seed, device=device, dtype=dtype)
+                          activation=spec.activation, seed=spec.seed, device=device, dtype=dtype,
+                          init="spectral")
     from .tp_baseline import MegatronTPFFN
     return MegatronTPFFN(spec.width, spec.depth, group=group, activation=spec.activation,
                          seed=spec.seed, dtype=dtype).to(device)

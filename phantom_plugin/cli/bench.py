@@ -92,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "per-rank MACs equal TP's")
     lm.add_argument("--parametrization", default=None, metavar="NAME",
                     help="forwarded to phantom_plugin.param_groups(parametrization=NAME) (default: its default)")
+    lm.add_argument("--init", default=None, metavar="SCHEME",
+                    help="phantom MLPs' initialisation (phantom_plugin.init.INIT_SCHEMES; default spectral, "
+                         "the parametrisation study's winner)")
     lm.add_argument("--lr-mult", default=None, metavar="KIND=X,...",
                     help="lr multipliers per parameter kind, forwarded to param_groups(multipliers=...)")
     args = ap.parse_args(argv)
@@ -126,7 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 _LM_DEFAULTS = {"corpus": None, "corpus_limit": 16_000_000, "heldout": 0.1, "seq": 128, "heads": None,
-                "eval_every": 25, "eval_batches": 4, "match": "width", "parametrization": None, "lr_mult": None}
+                "eval_every": 25, "eval_batches": 4, "match": "width", "parametrization": None, "lr_mult": None,
+                "init": "spectral"}
 
 
 def _lm_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -161,7 +165,8 @@ def _lm_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                                eval_every=args.eval_every, eval_batches=args.eval_batches, heldout=args.heldout,
                                lr=args.lr, seed=args.seed, match=args.match, corpus=args.corpus,
                                corpus_limit=args.corpus_limit, energy_preset=args.energy_preset,
-                               lr_mult=args.lr_mult, parametrization=args.parametrization)
+                               lr_mult=args.lr_mult, parametrization=args.parametrization,
+                               init=args.init)
     except ValueError as e:
         ap.error(str(e))
     if args.bind_cores:

@@ -36,9 +36,9 @@ _HELP = {
     "comm_dtype": (f"use null (the layers' dtype), {', '.join(json.dumps(n) for n in list(COMM_DTYPES)[:-1])} "
                    f"or {json.dumps(list(COMM_DTYPES)[-1])}"),
     "log_interval": "use an integer >= 0, optimizer steps between monitor events (0: off)",
-    "lr_multipliers": ("use \"auto\" (compressors and decompressors at lr x 1/(1+k/(in_features/size)), "
-                       "phantom_plugin.param_groups' rule), false (one lr for every parameter) or an "
-                       "object {kind: number > 0} with kinds " + ", ".join(KINDS)),
+    "lr_multipliers": ("use \"auto\" (phantom_plugin.param_groups' default parametrization, \"balanced\": "
+                       "compressors and decompressors at lr x 1/(1+k/(in_features/size))), false (one lr "
+                       "for every parameter) or an object {kind: number > 0} with kinds " + ", ".join(KINDS)),
 }
 
 

@@ -2,7 +2,9 @@
 
 When DeepSpeed builds the optimizer from the config's ``"optimizer"`` section (no client
 optimizer) from plain parameters (``model_parameters`` ``None`` or a list of tensors), the
-adapter hands it :func:`phantom_plugin.param_groups`' groups instead: group ``t`` has
+adapter hands it :func:`phantom_plugin.param_groups`' groups instead (``"auto"``: its default
+parametrization, :data:`phantom_plugin.optim.DEFAULT_PARAMETRIZATION`, ``"balanced"``, which the
+parametrisation study kept over per-factor maximal-update rates; ``docs/choosing-k.md``): group ``t`` has
 ``lr = optimizer.params.lr x lr_mult`` and carries ``"kind"`` and ``"lr_mult"``; every other
 hyper-parameter, weight decay included, is the config's, on every group, as plain DeepSpeed
 would have it. Frozen parameters are left out.

@@ -83,6 +83,8 @@ class PhantomMLP(MegatronModule):
         ffn_hidden_size, input_size, is_expert: as megatron's ``MLP``; experts are refused.
         name, is_mtp_layer: what megatron-core 0.18+'s ``TransformerLayer`` passes (``name`` is
             kept as ``self.name``; an MTP layer's MLP is an ordinary dense MLP here).
+        init: initialisation scheme of fc1 and fc2 (``PhantomLinear``'s ``init``: ``"balanced"``
+            or ``"spectral"``).
         **kwargs: accepted and ignored, for keywords later megatron-core releases add.
 
     Parameters (all ``tensor_model_parallel``): ``linear_fc1`` and ``linear_fc2`` are
@@ -92,7 +94,8 @@ class PhantomMLP(MegatronModule):
     def __init__(self, config: TransformerConfig, submodules=None, ghost_dim: Optional[int] = None,
                  is_expert: bool = False, input_size: Optional[int] = None,
                  ffn_hidden_size: Optional[int] = None, tp_group=None, pg_collection=None,
-                 seed: int = 0, name: Optional[str] = None, is_mtp_layer: bool = False, **kwargs):
+                 seed: int = 0, name: Optional[str] = None, is_mtp_layer: bool = False,
+                 init: str = "balanced", **kwargs):
         super().__init__(config=config)
         group = resolve_tp_group(tp_group, pg_collection)
         p = comm.group_size(group)
@@ -112,7 +115,7 @@ class PhantomMLP(MegatronModule):
         self._draws = bool(getattr(config, "perform_initialization", True)) and device.type != "meta"
         s1, s2 = _layer_seeds(seed, 0)
         kw = {"ghost_dim": ghost_dim, "group": group, "bias": config.add_bias_linear,
-              "dtype": config.params_dtype}
+              "dtype": config.params_dtype, "init": init}
         fc1_out = 2 * ffn if self.gated else ffn
         self.linear_fc1 = _build(h, fc1_out, s1, device, self._draws, kw)
         self.linear_fc2 = _build(ffn, h, s2, device, self._draws, kw)

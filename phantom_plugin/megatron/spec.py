@@ -32,6 +32,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
+from ..init import INIT_SCHEMES
 from ..shapes import ghost_dim_error
 from .mlp import PhantomMLP
 
@@ -136,7 +137,8 @@ def _is_identity(entry) -> bool:
     return entry is IdentityOp or (isinstance(entry, ModuleSpec) and entry.module is IdentityOp)
 
 
-def _swap_layer(sub: TransformerLayerSubmodules, ghost_dim: int, seed: int, norm, found: list) -> int:
+def _swap_layer(sub: TransformerLayerSubmodules, ghost_dim: int, seed: int, norm, found: list,
+                init: str = "balanced") -> int:
     dense = _dense_mlp(sub.mlp)
     if dense is None:                                   # MoE, identity or a custom module: leave it
         found.append(_describe(sub.mlp))
@@ -155,18 +157,19 @@ def _swap_layer(sub: TransformerLayerSubmodules, ghost_dim: int, seed: int, norm
                              "would normalise twice")
         sub.pre_mlp_layernorm = norm if norm is not None else _default_norm()
         sub.sharded_state_dict_keys_map = {**sub.sharded_state_dict_keys_map, **NORM_KEY_MAP}
-    sub.mlp = ModuleSpec(module=PhantomMLP, params={**params, "ghost_dim": ghost_dim, "seed": seed})
+    extra_params = {} if init == "balanced" else {"init": init}
+    sub.mlp = ModuleSpec(module=PhantomMLP, params={**params, "ghost_dim": ghost_dim, "seed": seed, **extra_params})
     return 1
 
 
-def _swap(spec, ghost_dim: int, seed: int, norm, found: list) -> int:
+def _swap(spec, ghost_dim: int, seed: int, norm, found: list, init: str = "balanced") -> int:
     if isinstance(spec, TransformerBlockSubmodules):
-        return sum(_swap(s, ghost_dim, seed, norm, found) for s in spec.layer_specs or [])
+        return sum(_swap(s, ghost_dim, seed, norm, found, init) for s in spec.layer_specs or [])
     if isinstance(spec, ModuleSpec):
         if isinstance(spec.submodules, TransformerLayerSubmodules):
-            return _swap_layer(spec.submodules, ghost_dim, seed, norm, found)
+            return _swap_layer(spec.submodules, ghost_dim, seed, norm, found, init)
         if isinstance(spec.submodules, TransformerBlockSubmodules):
-            return _swap(spec.submodules, ghost_dim, seed, norm, found)
+            return _swap(spec.submodules, ghost_dim, seed, norm, found, init)
         found.append(f"ModuleSpec({_name(spec.module)}) with submodules "
                      f"{type(spec.submodules).__name__} (not a transformer layer or block)")
         return 0
@@ -174,7 +177,7 @@ def _swap(spec, ghost_dim: int, seed: int, norm, found: list) -> int:
                     f"TransformerBlockSubmodules, got {type(spec).__name__}")
 
 
-def with_phantom_mlp(spec: Spec, *, ghost_dim: int, seed: int = 0, norm=None) -> Spec:
+def with_phantom_mlp(spec: Spec, *, ghost_dim: int, seed: int = 0, norm=None, init: str = "balanced") -> Spec:
     """A copy of ``spec`` with every dense MLP replaced by ``PhantomMLP(ghost_dim=ghost_dim)``.
 
     Args:
@@ -184,6 +187,7 @@ def with_phantom_mlp(spec: Spec, *, ghost_dim: int, seed: int = 0, norm=None) ->
         seed: phantom initialisation seed (layer ``l`` draws from ``(seed, l)``).
         norm: the norm class restored where TE fused it into fc1 (default: ``TENorm``, or
             megatron's local norm without TE).
+        init: the phantom blocks' initialisation scheme (``PhantomLinear``'s ``init``).
     Raises:
         ValueError: nothing to swap (e.g. an all-MoE spec); the message lists what each layer holds.
         TypeError: ``spec`` is not a spec.
@@ -193,7 +197,9 @@ def with_phantom_mlp(spec: Spec, *, ghost_dim: int, seed: int = 0, norm=None) ->
         raise ValueError(f"with_phantom_mlp: {error}")
     out = copy.deepcopy(spec)
     found: list = []
-    if _swap(out, ghost_dim, seed, norm, found) == 0:
+    if init not in INIT_SCHEMES:
+        raise ValueError(f"with_phantom_mlp: unknown init {init!r}; init must be one of {list(INIT_SCHEMES)}")
+    if _swap(out, ghost_dim, seed, norm, found, init) == 0:
         raise ValueError(
             f"with_phantom_mlp: the spec has no dense MLP to replace; found {found or 'no layers'}. "
             f"Phantom MLPs replace dense {_DENSE_NAMES} (as a ModuleSpec or a functools.partial of "
