@@ -6,7 +6,7 @@
 A small Llama built from its ``transformers`` config (no download) gets, on the ``tp`` dimension of
 a 2-D mesh, PyTorch's ``ColwiseParallel`` / ``RowwiseParallel`` for attention and
 ``phantom_plugin.dtensor.PhantomMLPParallel`` for the MLPs, then optional activation
-checkpointing, ``torch.compile`` of each decoder layer and FSDP2 (``fully_shard``) over ``dp``.
+checkpointing, ``torch.compile(fullgraph=True)`` of each decoder layer and FSDP2 (``fully_shard``) over ``dp``.
 It trains a few steps on the bytes of the Python standard library's sources, printing the loss,
 then exports the dense model (``dense_state_dict``: every rank's phantom blocks gathered into the
 dense weights), loads it into a plain ``LlamaForCausalLM`` and checks it gives the same logits.
@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, default=4, help="sequences per data-parallel rank")
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--fullgraph", action="store_true", help="compile with fullgraph=True")
+    ap.add_argument("--no-fullgraph", dest="fullgraph", action="store_false",
+                    help="compile with fullgraph=False (default: fullgraph=True, no graph break expected)")
     ap.add_argument("--ac", action="store_true", help="activation checkpointing per decoder layer")
     args = ap.parse_args()
 
