@@ -66,6 +66,19 @@ def _remote_index(p: int, rank: int, device) -> torch.Tensor:
     return idx + (idx >= rank).to(idx.dtype)
 
 
+def _remote_ghosts(gathered: torch.Tensor, rank: int) -> torch.Tensor:
+    """``G_remote [B, (p-1)k]`` of ``gathered [p, B, k]``: the other ranks' ghosts side by side.
+
+    With two ranks it is the other rank's slot, a view (no index, no copy); otherwise one
+    ``index_select``.
+    """
+    p, B = gathered.shape[0], gathered.shape[1]
+    if p == 2:
+        return gathered[1 - rank]                                        # [B, k], contiguous
+    idx = _remote_index(p, rank, gathered.device)
+    return gathered.transpose(0, 1).index_select(1, idx).reshape(B, -1)
+
+
 def _no_autocast(device: torch.device):
     """Autocast off for ``device``'s type inside the Function (inputs are already cast)."""
     if torch.amp.is_autocast_available(device.type):
@@ -79,7 +92,7 @@ class _PhantomLinear(torch.autograd.Function):
     Forward:  ghosts ``g = x C^T [B, k]``; async **all-gather** of ``g`` -> ``G [p, B, k]`` runs while
               the local GEMM ``x L^T [B, n_out/p]`` computes; then one decompression GEMM
               ``G_remote [B, (p-1)k] @ D^T`` with ``D [n_out/p, (p-1)k]`` (remote ranks in order;
-              ``G_remote`` is one ``index_select`` of ``G``).
+              ``G_remote`` is the other slot of ``G`` with two ranks, else one ``index_select``).
     Backward: ``dG_j = dy D_ij [B, k]`` for ``j != i`` written straight into the send buffer
               ``[p, B, k]`` (own slot zero); async **reduce-scatter** (sum) -> ``dg [B, k]`` runs while
               ``dL = dy^T x``, ``dD = dy^T G_remote``, ``db`` and the local part of ``dx = dy L``
@@ -97,9 +110,8 @@ class _PhantomLinear(torch.autograd.Function):
             pending = _coll(traced).all_gather(ghosts, group, async_op=True, tag="ghosts_fwd")
             y = x2 @ local_w.t() if bias is None else torch.addmm(bias, x2, local_w.t())  # [B, n_out/p]
             gathered = pending.wait()                                    # [p, B, k]
-            p, B = gathered.shape[0], x2.shape[0]
-            idx = _remote_index(p, rank, gathered.device)
-            remote = gathered.transpose(0, 1).index_select(1, idx).reshape(B, -1)  # [B, (p-1)k]
+            p = gathered.shape[0]
+            remote = _remote_ghosts(gathered, rank)                      # [B, (p-1)k]
             y.addmm_(remote, decomp_w.t())
         ctx.save_for_backward(x2, remote, local_w, comp_w, decomp_w)
         ctx.group, ctx.rank, ctx.p, ctx.has_bias, ctx.lead = group, rank, p, bias is not None, lead
@@ -121,7 +133,9 @@ class _PhantomLinear(torch.autograd.Function):
         d_all[r].zero_()
         decomp_3 = decomp_w.view(mo, p - 1, k).transpose(0, 1)           # [p-1, n_out/p, k]
         for lo, hi, src in ((0, r, 0), (r + 1, p, r)):                   # slots before / after own
-            if hi > lo:                                                  # dG_j = dy D_ij
+            if hi - lo == 1:                                             # dG_j = dy D_ij, one plain GEMM
+                torch.mm(dy2, decomp_3[src], out=d_all[lo])
+            elif hi > lo:                                                # several slots: one batched GEMM
                 torch.matmul(dy2.expand(hi - lo, B, mo), decomp_3[src:src + hi - lo], out=d_all[lo:hi])
         pending = _coll(ctx.traced).reduce_scatter(d_all, ctx.group, async_op=True, tag="ghosts_bwd")
         need_x, need_l, need_c, need_d, need_b = ctx.needs_input_grad[:5]
@@ -186,10 +200,14 @@ def _gather_last(x: torch.Tensor, group, tag: str, traced: bool) -> torch.Tensor
     return torch.cat(gathered.unbind(0), dim=-1)                         # [*, p*m]
 
 
-def _own_last(x: torch.Tensor, group) -> torch.Tensor:
+def _own_last(x: torch.Tensor, group, copy: bool = True) -> torch.Tensor:
+    """This rank's slice of the last dim, ``[*, n] -> [*, n/p]``; ``copy=False``: a strided view
+    (for a gradient: the GEMMs that read it take the row stride). A forward output stays a copy,
+    so that later in-place ops on it do not meet autograd's view-of-input rules."""
     p, r = comm.group_size(group), comm.group_rank(group)
     m = x.shape[-1] // p
-    return x[..., r * m:(r + 1) * m].contiguous()
+    own = x[..., r * m:(r + 1) * m]
+    return own.contiguous() if copy else own
 
 
 class _ScatterToGroup(torch.autograd.Function):
@@ -216,7 +234,7 @@ class _GatherFromGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return _own_last(dy, ctx.group), None, None
+        return _own_last(dy, ctx.group, copy=False), None, None
 
 
 def scatter_to_group(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
