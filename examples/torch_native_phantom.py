@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sysconfig
 
 import torch
 import torch.distributed as dist
@@ -26,26 +25,13 @@ import transformers as tf
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
+from phantom_plugin.bench.lm_data import read_corpus
 from phantom_plugin.dtensor import PhantomMLPParallel, dense_state_dict, parallelize_module
 
 try:
     from torch.distributed.fsdp import fully_shard
 except ImportError:                                   # torch < 2.6
     from torch.distributed._composable.fsdp import fully_shard
-
-
-def stdlib_bytes(limit: int) -> torch.Tensor:
-    """Up to ``limit`` bytes of the standard library's ``.py`` files (sorted walk) as int64 tokens."""
-    root, buf = sysconfig.get_paths()["stdlib"], bytearray()
-    for dirpath, dirnames, files in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "dist-packages"))
-        for name in sorted(files):
-            if name.endswith(".py"):
-                with open(os.path.join(dirpath, name), "rb") as fh:
-                    buf += fh.read()
-            if len(buf) >= limit:
-                return torch.tensor(list(buf[:limit]), dtype=torch.int64)
-    return torch.tensor(list(buf), dtype=torch.int64)
 
 
 def main() -> None:
@@ -91,7 +77,7 @@ def main() -> None:
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
 
-    data = stdlib_bytes(1 << 20)
+    data = torch.tensor(list(read_corpus(None, 1 << 20)[0]), dtype=torch.int64)   # stdlib .py sources
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(1)            # the same offsets on every rank

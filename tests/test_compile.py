@@ -240,24 +240,12 @@ def test_compiled_path_applies_the_routed_wire_dtype():
 # --- adapters: Megatron's PhantomMLP, a converted Hugging Face model ----------------------------
 
 def _megatron_rank(rank, world):
-    import torch.nn.functional as F
     import megatron_utils as mu
-    from test_megatron_mlp import B, CASES, FFN, H, K, S, _reference
-    from phantom_plugin.init import derive_seed
-    from phantom_plugin.megatron import PhantomMLP
+    from test_megatron_mlp import CASES, S, _case
     mu.init_megatron(world)
     results = []
     for gated, bias, sp in CASES:
-        cfg = mu.make_config(world, hidden_size=H, ffn_hidden_size=FFN, gated_linear_unit=gated,
-                             add_bias_linear=bias, activation_func=F.silu if gated else F.gelu,
-                             params_dtype=torch.float64, sequence_parallel=sp)
-        mlp = PhantomMLP(cfg, ghost_dim=K, seed=7)
-        mlp.set_layer_number(3)
-        g = torch.Generator().manual_seed(11)
-        x = torch.randn(S, B, H, generator=g, dtype=torch.float64)
-        w_out = torch.randn(S, B, H, generator=g, dtype=torch.float64)
-        seeds = derive_seed(7, 3, "linear_fc1"), derive_seed(7, 3, "linear_fc2")
-        ref_out, ref_dx, ref_grads = _reference(x, w_out, *seeds, world, gated, bias, cfg.activation_func)
+        mlp, x, w_out, ref_out, ref_dx, ref_grads = _case(world, gated, bias, sp)
         m = S // world
         rows = slice(rank * m, (rank + 1) * m) if sp else slice(None)
         eager = _run(mlp, x[rows], w_out[rows])

@@ -60,23 +60,29 @@ def _reference(x, w_out, seed1, seed2, p, gated, bias, act):
     return out.detach(), x.grad, grads
 
 
-def _mlp_ranks(rank, world):
+def _case(world, gated, bias, sp):
+    """One case of :data:`CASES` on this rank: ``(mlp, x, w_out, ref_out, ref_dx, ref_grads)``, the
+    float64 ``PhantomMLP`` (seed 7, layer 3), the full input and output weights, and the reference."""
     import torch.nn.functional as F
     import megatron_utils as mu
-    from phantom_plugin.megatron import PhantomMLP
     from phantom_plugin.init import derive_seed
+    from phantom_plugin.megatron import PhantomMLP
+    cfg = mu.make_config(world, hidden_size=H, ffn_hidden_size=FFN, gated_linear_unit=gated,
+                         add_bias_linear=bias, activation_func=F.silu if gated else F.gelu,
+                         params_dtype=torch.float64, sequence_parallel=sp)
+    mlp = PhantomMLP(cfg, ghost_dim=K, seed=7)                      # group from parallel_state
+    mlp.set_layer_number(3)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(S, B, H, generator=g, dtype=torch.float64)
+    w_out = torch.randn(S, B, H, generator=g, dtype=torch.float64)
+    seeds = derive_seed(7, 3, "linear_fc1"), derive_seed(7, 3, "linear_fc2")
+    return (mlp, x, w_out) + _reference(x, w_out, *seeds, world, gated, bias, cfg.activation_func)
+
+
+def _mlp_ranks(rank, world):
     results = []
     for gated, bias, sp in CASES:
-        cfg = mu.make_config(world, hidden_size=H, ffn_hidden_size=FFN, gated_linear_unit=gated,
-                             add_bias_linear=bias, activation_func=F.silu if gated else F.gelu,
-                             params_dtype=torch.float64, sequence_parallel=sp)
-        mlp = PhantomMLP(cfg, ghost_dim=K, seed=7)                  # group from parallel_state
-        mlp.set_layer_number(3)
-        g = torch.Generator().manual_seed(11)
-        x = torch.randn(S, B, H, generator=g, dtype=torch.float64)
-        w_out = torch.randn(S, B, H, generator=g, dtype=torch.float64)
-        seeds = derive_seed(7, 3, "linear_fc1"), derive_seed(7, 3, "linear_fc2")
-        ref_out, ref_dx, ref_grads = _reference(x, w_out, *seeds, world, gated, bias, cfg.activation_func)
+        mlp, x, w_out, ref_out, ref_dx, ref_grads = _case(world, gated, bias, sp)
         m = S // world
         x_in = x[rank * m:(rank + 1) * m] if sp else x
         x_in = x_in.clone().requires_grad_(True)
