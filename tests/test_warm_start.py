@@ -92,7 +92,7 @@ def _study(p):
     at_conversion = [[tuple(t.detach().clone() for t in (phantom.L[l * p + r], phantom.C[l * p + r],
                                                           phantom.D[l * p + r], phantom.b[l * p + r]))
                       for r in range(p)] for l in range(DEPTH)]
-    mult = param_study.variant_mults({}, "defaults", K, WIDTH, p)
+    mult = param_study.variant_mults({}, {"parametrization": "defaults"}, K, WIDTH, p)
     warm = param_study.run(phantom, args, mult, "warm", start=S0)
     final = [[(phantom.L[l * p + r], phantom.C[l * p + r], phantom.D[l * p + r], phantom.b[l * p + r])
               for r in range(p)] for l in range(DEPTH)]
