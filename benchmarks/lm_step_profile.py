@@ -11,11 +11,13 @@ Builds both models exactly as ``phantom-bench --task lm`` does (:func:`phantom_p
    autograd engine, Python and other) and in the module whose forward or backward range encloses
    it (attention, MLP, layer norms, embedding, output layer + loss, optimizer, other).
 
-Prints both models side by side, and the MLP's CPU time per modeled MAC.
+Prints both models side by side, the MLP's CPU time per modeled MAC, and a bound: TP's profiled
+step with its GEMM time scaled by the modeled MAC ratio, the per-step ratio phantom would reach if
+its GEMMs ran as fast per MAC as TP's and everything else cost what it costs in TP.
 ``process_time`` covers gloo's own threads, the profiler only the main thread, so the profiled
 total is below the timed one; the profile's per-step numbers carry the profiler's overhead.
 
-    python benchmarks/lm_step_profile.py [--width 256 --depth 4 --ranks 2 --ghosts 16 --steps 30]
+    python benchmarks/lm_step_profile.py [--width 256 --depth 4 --ranks 2 --ghosts 16 --batch 8 --seq 128 --steps 30]
 """
 from __future__ import annotations
 
@@ -217,13 +219,15 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--ghosts", type=int, default=None, help="k (default as the bench: (width/ranks)/8)")
     ap.add_argument("--match", default="width", choices=["width", "compute"])
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (the bench default 8)")
+    ap.add_argument("--seq", type=int, default=128, help="bytes per sequence (the bench default 128)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=30, help="timed steps per model (medians)")
     ap.add_argument("--profile-steps", type=int, default=10)
     ap.add_argument("--no-counter", action="store_true", help="leave out the bench's CommCounter/intercept")
     a = ap.parse_args()
     k = a.ghosts if a.ghosts is not None else max(1, a.width // a.ranks // 8)
-    plan = lm_plan(width=a.width, depth=a.depth, ranks=a.ranks, ghosts=k, batch=8, seq=128, steps=1, heads=None,
+    plan = lm_plan(width=a.width, depth=a.depth, ranks=a.ranks, ghosts=k, batch=a.batch, seq=a.seq, steps=1, heads=None,
                    eval_every=25, eval_batches=4, heldout=0.1, lr=2e-3, seed=0, match=a.match, corpus=a.corpus,
                    corpus_limit=16_000_000, energy_preset="h100-sxm")
     specs = (plan.tp, plan.phantom)
@@ -235,7 +239,7 @@ def main() -> None:
             tp=a.ranks, ghost_dim=spec.ghost_dim if spec.mode == "phantom" else None)
     tp, ph = res["tp"], res["phantom"]
     print(f"\nwidth {a.width}, depth {a.depth}, p={a.ranks}, k={k}, match {a.match} (ffn TP {plan.tp.ffn_hidden}, "
-          f"phantom {plan.phantom.ffn_hidden}), batch 8 x seq 128, 1 thread/rank, counter "
+          f"phantom {plan.phantom.ffn_hidden}), batch {a.batch} x seq {a.seq}, 1 thread/rank, counter "
           f"{'off' if a.no_counter else 'on'}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     q = lambda v: statistics.quantiles(v, n=4)  # noqa: E731
     print(f"timed CPU-s/step (sum over ranks, median of {a.steps}, interleaved): TP {tp['cpu_s']:.4f} "
@@ -257,6 +261,11 @@ def main() -> None:
         mlp_ms = r["profile"]["mods"]["mlp"]
         print(f"MLP {name}: {mlp_ms:.2f} ms/step for {r['macs']['mlp']:.3e} modeled MACs -> "
               f"{mlp_ms * 1e6 / r['macs']['mlp']:.4f} ns/MAC")
+    # the best phantom could do: TP's profiled step with its GEMM time scaled by the MAC ratio
+    gemm_tp, mac_ratio = tp["profile"]["cats"]["gemm"], ph["macs"]["total"] / tp["macs"]["total"]
+    ideal = x - gemm_tp + gemm_tp * mac_ratio
+    print(f"bound: TP's profiled step with its GEMM time x the MAC ratio ({mac_ratio:.3f}) = {ideal:.2f} ms -> "
+          f"per-step ratio >= {ideal / x:.3f} (GEMMs {gemm_tp / x:.2f} of TP's step)")
     for name, r in (("TP", tp), ("phantom", ph)):
         print(f"MLP ops, {name} (ms/step self): " +
               ", ".join(f"{k} {v:.2f}" for k, v in r["profile"]["mlp_ops"].items()))

@@ -196,6 +196,11 @@ def test_defaults_of_both_tasks(tmp_path):
     a = cli.parse_args(["--task", "lm", "--corpus", str(_corpus(tmp_path / "c"))])
     assert (a.width, a.ghosts, a.batch, a.steps, a.seq, a.match) == ([256], [16], [8], 300, 128, "width")
     assert a.lm_plan.tp.ffn_hidden == a.lm_plan.phantom.ffn_hidden == 1024 and a.lm_plan.tp.heads == 4
+    assert a.lr == a.lm_plan.tp.lr == a.lm_plan.phantom.lr == 1e-3          # TP's best at width 256
+    wide = cli.parse_args(["--task", "lm", "--corpus", str(_corpus(tmp_path / "c")), "--width", "512"])
+    assert wide.lr == wide.lm_plan.phantom.lr == 2.5e-4                      # and at width 512
+    given = cli.parse_args(["--task", "lm", "--corpus", str(_corpus(tmp_path / "c")), "--width", "512", "--lr", "1e-3"])
+    assert given.lm_plan.tp.lr == 1e-3
 
 
 @pytest.mark.fast

@@ -51,7 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch", type=_ints, default=None, help="samples per step (default 256; lm: sequences, 8)")
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 100, lm 300; E2: TP's)")
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the timings")
-    ap.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3, also for --task lm: TP's best of 5e-4, 1e-3, 2e-3 there)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help="learning rate (default 1e-3; --task lm: 1e-3 * (256/width)**2, TP's best at widths "
+                         "256 and 512 on text)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--modes", default="tp,phantom", help="tp, phantom or both")
@@ -136,7 +138,7 @@ _LM_DEFAULTS = {"corpus": None, "corpus_limit": 16_000_000, "heldout": 0.1, "seq
 def _lm_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Defaults and checks of ``--task lm``; the corpus is read and every input checked here, before
     any rank starts (``args.lm_plan``)."""
-    from ..bench.lm_recipe import lm_plan
+    from ..bench.lm_recipe import default_lr, lm_plan
     from .plan import k_time_to_loss_hint
     not_lm = [flag for flag, bad in (("--inference", args.inference), ("--probe", args.probe),
                                       ("--recipe", args.recipe != "grid"), ("--modes", args.modes != "tp,phantom"),
@@ -155,7 +157,7 @@ def _lm_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     args.ghosts = args.ghosts or [k_time_to_loss_hint(width, p)["early_loss"] if p > 0 else 1]
     args.batch = args.batch or [8]
     args.steps = 300 if args.steps is None else args.steps
-    args.lr = 1e-3 if args.lr is None else args.lr
+    args.lr = default_lr(width) if args.lr is None else args.lr
     args.max_factor = 1.0 if args.max_factor is None else args.max_factor
     if not args.max_factor >= 1:
         ap.error(f"--max-factor must be >= 1 (phantom trains at least --steps), got {args.max_factor}")
