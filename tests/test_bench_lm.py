@@ -201,6 +201,8 @@ def test_defaults_of_both_tasks(tmp_path):
     assert wide.lr == wide.lm_plan.phantom.lr == 2.5e-4                      # and at width 512
     given = cli.parse_args(["--task", "lm", "--corpus", str(_corpus(tmp_path / "c")), "--width", "512", "--lr", "1e-3"])
     assert given.lm_plan.tp.lr == 1e-3
+    from phantom_plugin.bench.lm_recipe import default_lr
+    assert default_lr(64) == 1e-3 and default_lr(1024) == 6.25e-5                # capped below 256
 
 
 @pytest.mark.fast

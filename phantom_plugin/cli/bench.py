@@ -52,8 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="training steps per run (default 100, lm 300; E2: TP's)")
     ap.add_argument("--warmup", type=int, default=5, help="steps excluded from the timings")
     ap.add_argument("--lr", type=float, default=None,
-                    help="learning rate (default 1e-3; --task lm: 1e-3 * (256/width)**2, TP's best at widths "
-                         "256 and 512 on text)")
+                    help="learning rate (default 1e-3; --task lm: 1e-3 * (256/width)**2 capped at 1e-3, TP's best "
+                         "at widths 256 and 512 on text)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--modes", default="tp,phantom", help="tp, phantom or both")
