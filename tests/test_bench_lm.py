@@ -193,13 +193,14 @@ def test_bad_input_is_refused_before_any_rank_starts(tmp_path, capsys):
 def test_defaults_of_both_tasks(tmp_path):
     ffn = cli.parse_args([])
     assert (ffn.width, ffn.ghosts, ffn.batch, ffn.steps, ffn.lr) == ([1024], [16], [256], 100, 1e-3)
-    a = cli.parse_args(["--task", "lm", "--corpus", str(_corpus(tmp_path / "c"))])
+    corpus = str(_corpus(tmp_path / "c"))
+    a = cli.parse_args(["--task", "lm", "--corpus", corpus])
     assert (a.width, a.ghosts, a.batch, a.steps, a.seq, a.match) == ([256], [16], [8], 300, 128, "width")
     assert a.lm_plan.tp.ffn_hidden == a.lm_plan.phantom.ffn_hidden == 1024 and a.lm_plan.tp.heads == 4
     assert a.lr == a.lm_plan.tp.lr == a.lm_plan.phantom.lr == 1e-3          # TP's best at width 256
-    wide = cli.parse_args(["--task", "lm", "--corpus", str(_corpus(tmp_path / "c")), "--width", "512"])
+    wide = cli.parse_args(["--task", "lm", "--corpus", corpus, "--width", "512"])
     assert wide.lr == wide.lm_plan.phantom.lr == 2.5e-4                      # and at width 512
-    given = cli.parse_args(["--task", "lm", "--corpus", str(_corpus(tmp_path / "c")), "--width", "512", "--lr", "1e-3"])
+    given = cli.parse_args(["--task", "lm", "--corpus", corpus, "--width", "512", "--lr", "1e-3"])
     assert given.lm_plan.tp.lr == 1e-3
     from phantom_plugin.bench.lm_recipe import default_lr
     assert default_lr(64) == 1e-3 and default_lr(1024) == 6.25e-5                # capped below 256

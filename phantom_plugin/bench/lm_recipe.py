@@ -86,8 +86,9 @@ def default_lr(width: int) -> float:
     TP's best constant AdamW lr (no warmup, no clipping, batch 8 x 128 bytes, 300 steps, Vim help
     files): 1e-3 at width 256 (of 5e-4, 1e-3, 2e-3) and 2.5e-4 at width 512 (of 1.25e-4, 2.5e-4,
     5e-4, 1e-3); the rule goes through both. At other widths it is an extrapolation (below 256 it
-    stays at 1e-3 rather than grow): sweep ``--lr`` for TP there. A too-large lr trains TP badly and makes phantom look better than it is (at
-    width 512 and 1e-3 TP ended at 2.74 nats/byte against 2.17 at 2.5e-4).
+    stays at 1e-3 rather than grow): sweep ``--lr`` for TP there. A too-large lr trains TP badly
+    and makes phantom look better than it is (at width 512 and 1e-3 TP ended at 2.74 nats/byte
+    against 2.17 at 2.5e-4).
     """
     return min(1e-3, 1e-3 * (256 / width) ** 2)
 
